@@ -1,0 +1,74 @@
+"""deltackpt: incremental, content-addressed, bit-exact storage of PyTorch training checkpoints.
+
+>>> import deltackpt
+>>> with deltackpt.open("ckpts") as store:          # doctest: +SKIP
+...     store.save({"model": model.state_dict()}, step=100, metrics={"val_loss": 2.3})
+...     state = store.load(100)
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .backend import Backend, LocalBackend, MemoryBackend
+from .codec import CodecConfig
+from .delta import DeltaConfig
+from .errors import (
+    BackgroundSaveError,
+    CorruptionError,
+    DeltackptError,
+    FormatVersionError,
+    InvalidStoreError,
+    StepExistsError,
+    StepNotFoundError,
+    StoreClosedError,
+    StoreLockedError,
+    UnsupportedValueError,
+)
+from .results import EntryInfo, GcResult, SaveResult, StepInfo, VerifyResult
+from .store import PathNotFoundError, Store, open_store
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Backend",
+    "BackgroundSaveError",
+    "CodecConfig",
+    "CorruptionError",
+    "DeltaConfig",
+    "DeltackptError",
+    "EntryInfo",
+    "FormatVersionError",
+    "GcResult",
+    "InvalidStoreError",
+    "LocalBackend",
+    "MemoryBackend",
+    "PathNotFoundError",
+    "SaveResult",
+    "StepExistsError",
+    "StepInfo",
+    "StepNotFoundError",
+    "Store",
+    "StoreClosedError",
+    "StoreLockedError",
+    "UnsupportedValueError",
+    "VerifyResult",
+    "open",
+]
+
+
+def open(path: str | os.PathLike | Backend, **options: Any) -> Store:  # noqa: A001
+    """Open the store at ``path``, creating it when missing.
+
+    ``path`` is a directory, ``"memory://"`` for a throw-away in-memory store, or
+    a :class:`Backend`. Options (fixed at creation unless noted):
+    ``block_size`` (bytes, default 1 MiB), ``hash`` (``"xxh3_128"`` or
+    ``"blake2b"``), ``level`` (zstd level, per session), ``delta`` (``"xor"``,
+    ``"sub"``, ``"none"`` or ``"xor:keyframe:8"``; per session), ``fsync``
+    (default True: a returned save survives power loss), ``threads``,
+    ``lock_timeout`` (seconds to wait for another writer), ``base_cache_bytes``
+    (memory kept for the next save's delta bases). Use it as a context manager
+    or call ``close()``.
+    """
+    return open_store(path, **options)

@@ -1,0 +1,336 @@
+"""Where the bytes of a store live: a small object interface and its implementations.
+
+Store logic only ever talks to a :class:`Backend`. Object names are relative,
+'/'-separated paths made of ``[A-Za-z0-9._-]`` components (validated here, so a
+crafted name can never reach outside the store). The contract, which every
+implementation passes in ``tests/test_backend.py``:
+
+- ``create(name)`` starts a new object; its bytes become visible under ``name``
+  only at ``ObjectWriter.commit()`` (durable when the backend is durable); an
+  aborted or crashed writer leaves at most a ``*.partial`` object behind.
+- ``put(name, data)`` atomically creates or replaces a whole object.
+- ``read(name, offset, length)`` returns exactly ``length`` bytes or raises
+  :class:`CorruptionError` (short object); ``FileNotFoundError`` when missing.
+- ``delete(name)`` is idempotent; ``list(prefix)`` returns sorted names.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import threading
+from collections import OrderedDict
+from typing import Protocol, runtime_checkable
+
+from .errors import CorruptionError, InvalidStoreError
+
+_COMPONENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
+PARTIAL_SUFFIX = ".partial"
+
+
+def check_name(name: str) -> str:
+    """Validate an object name; raise :class:`InvalidStoreError` on anything unsafe."""
+    parts = name.split("/")
+    if not name or any(not _COMPONENT.match(p) or p in (".", "..") for p in parts):
+        raise InvalidStoreError(f"invalid object name {name!r}")
+    return name
+
+
+class ObjectWriter(Protocol):
+    """Streaming writer of one new object."""
+
+    def write(self, data: bytes | memoryview) -> None: ...
+    def tell(self) -> int: ...
+    def commit(self) -> None: ...
+    def abort(self) -> None: ...
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """Object storage used by a store (local directory, memory, object storage)."""
+
+    durable: bool
+
+    def create(self, name: str) -> ObjectWriter: ...
+    def put(self, name: str, data: bytes) -> None: ...
+    def read(self, name: str, offset: int = 0, length: int | None = None) -> bytes: ...
+    def size(self, name: str) -> int: ...
+    def exists(self, name: str) -> bool: ...
+    def list(self, prefix: str = "") -> list[str]: ...
+    def delete(self, name: str) -> None: ...
+    def sync(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class _LocalWriter:
+    def __init__(self, backend: LocalBackend, name: str) -> None:
+        self._backend = backend
+        self.name = name
+        self._final = backend.path(name)
+        self._tmp = self._final + PARTIAL_SUFFIX
+        os.makedirs(os.path.dirname(self._final), exist_ok=True)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+        self._fd = os.open(self._tmp, flags, 0o644)
+        self._pos = 0
+        self._done = False
+
+    def write(self, data: bytes | memoryview) -> None:
+        mv = memoryview(data).cast("B")
+        while mv:
+            n = os.write(self._fd, mv)
+            mv = mv[n:]
+            self._pos += n
+
+    def tell(self) -> int:
+        return self._pos
+
+    def commit(self) -> None:
+        if self._done:
+            raise ValueError("writer already finished")
+        try:
+            if self._backend.durable:
+                self._backend.fsync_fd(self._fd)
+        finally:
+            os.close(self._fd)
+            self._done = True
+        if os.path.lexists(self._final):
+            raise FileExistsError(errno.EEXIST, "object exists", self._final)
+        os.rename(self._tmp, self._final)
+        self._backend.mark_dir_dirty(os.path.dirname(self._final))
+
+    def abort(self) -> None:
+        if not self._done:
+            self._done = True
+            try:
+                os.close(self._fd)
+            finally:
+                try:
+                    os.unlink(self._tmp)
+                except FileNotFoundError:
+                    pass
+
+
+class LocalBackend:
+    """Objects as files under a root directory.
+
+    ``durable=True`` fsyncs every committed object and, at :meth:`sync`, every
+    directory an object was added to or removed from (a rename is durable only
+    once its directory is fsynced).
+    """
+
+    def __init__(self, root: str | os.PathLike, durable: bool = True, max_open: int = 64) -> None:
+        self.root = os.path.abspath(os.fspath(root))
+        self.durable = durable
+        self._dirty_dirs: set[str] = set()
+        self._fds: OrderedDict[str, int] = OrderedDict()
+        self._lock = threading.Lock()
+        self._max_open = max_open
+
+    # -- helpers -------------------------------------------------------------
+    def path(self, name: str) -> str:
+        return os.path.join(self.root, *check_name(name).split("/"))
+
+    def fsync_fd(self, fd: int) -> None:
+        os.fsync(fd)
+
+    def mark_dir_dirty(self, directory: str) -> None:
+        with self._lock:
+            self._dirty_dirs.add(directory)
+
+    def _fd(self, name: str) -> int:
+        with self._lock:
+            fd = self._fds.get(name)
+            if fd is not None:
+                self._fds.move_to_end(name)
+                return fd
+        path = self.path(name)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        with self._lock:
+            if name in self._fds:  # another thread won the race
+                os.close(fd)
+                return self._fds[name]
+            self._fds[name] = fd
+            while len(self._fds) > self._max_open:
+                _, old = self._fds.popitem(last=False)
+                os.close(old)
+        return fd
+
+    def _forget(self, name: str) -> None:
+        with self._lock:
+            fd = self._fds.pop(name, None)
+        if fd is not None:
+            os.close(fd)
+
+    # -- Backend -------------------------------------------------------------
+    def create(self, name: str) -> _LocalWriter:
+        return _LocalWriter(self, name)
+
+    def put(self, name: str, data: bytes) -> None:
+        w = self.create(name)
+        try:
+            w.write(data)
+            final = w._final
+            # put replaces: remove the old object only after the new one is durable
+            w._done = True
+            if self.durable:
+                self.fsync_fd(w._fd)
+            os.close(w._fd)
+            os.replace(w._tmp, final)
+            self.mark_dir_dirty(os.path.dirname(final))
+        except BaseException:
+            if not w._done:
+                w.abort()
+            raise
+        self._forget(name)
+
+    def read(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        fd = self._fd(name)
+        if length is None:
+            length = os.fstat(fd).st_size - offset
+        if offset < 0 or length < 0:
+            raise CorruptionError(f"{name}: bad byte range {offset}+{length}")
+        data = os.pread(fd, length, offset)
+        if len(data) != length:
+            raise CorruptionError(
+                f"{name}: short read at offset {offset} ({len(data)} of {length} bytes; "
+                "the object is truncated)"
+            )
+        return data
+
+    def size(self, name: str) -> int:
+        return os.stat(self.path(name), follow_symlinks=False).st_size
+
+    def exists(self, name: str) -> bool:
+        return os.path.lexists(self.path(name))
+
+    def list(self, prefix: str = "") -> list[str]:
+        out = []
+        base = self.root
+        for dirpath, _dirnames, filenames in os.walk(base):
+            rel = os.path.relpath(dirpath, base)
+            rel = "" if rel == "." else rel.replace(os.sep, "/") + "/"
+            for f in filenames:
+                name = rel + f
+                if name.startswith(prefix):
+                    out.append(name)
+        return sorted(out)
+
+    def delete(self, name: str) -> None:
+        self._forget(name)
+        path = self.path(name)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return
+        self.mark_dir_dirty(os.path.dirname(path))
+
+    def sync(self) -> None:
+        with self._lock:
+            dirs, self._dirty_dirs = self._dirty_dirs, set()
+        if not self.durable:
+            return
+        for d in sorted(dirs):
+            try:
+                fd = os.open(d, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                self.fsync_fd(fd)
+            finally:
+                os.close(fd)
+
+    def close(self) -> None:
+        with self._lock:
+            fds, self._fds = list(self._fds.values()), OrderedDict()
+        for fd in fds:
+            os.close(fd)
+
+
+class _MemoryWriter:
+    def __init__(self, backend: MemoryBackend, name: str) -> None:
+        self._backend = backend
+        self.name = name
+        self._buf = bytearray()
+        self._done = False
+        with backend._lock:
+            backend._objects[name + PARTIAL_SUFFIX] = self._buf
+
+    def write(self, data: bytes | memoryview) -> None:
+        self._buf += data
+
+    def tell(self) -> int:
+        return len(self._buf)
+
+    def commit(self) -> None:
+        with self._backend._lock:
+            if self.name in self._backend._objects:
+                raise FileExistsError(errno.EEXIST, "object exists", self.name)
+            self._backend._objects.pop(self.name + PARTIAL_SUFFIX, None)
+            self._backend._objects[self.name] = bytes(self._buf)
+        self._done = True
+
+    def abort(self) -> None:
+        with self._backend._lock:
+            self._backend._objects.pop(self.name + PARTIAL_SUFFIX, None)
+        self._done = True
+
+
+class MemoryBackend:
+    """Objects in a dict; for tests and for stores that need no disk."""
+
+    def __init__(self) -> None:
+        self.durable = True
+        self._objects: dict[str, bytes | bytearray] = {}
+        self._lock = threading.Lock()
+
+    def create(self, name: str) -> _MemoryWriter:
+        check_name(name)
+        return _MemoryWriter(self, name)
+
+    def put(self, name: str, data: bytes) -> None:
+        check_name(name)
+        with self._lock:
+            self._objects[name] = bytes(data)
+
+    def read(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        check_name(name)
+        with self._lock:
+            try:
+                obj = self._objects[name]
+            except KeyError:
+                raise FileNotFoundError(errno.ENOENT, "no such object", name) from None
+        if length is None:
+            length = len(obj) - offset
+        if offset < 0 or length < 0 or offset + length > len(obj):
+            raise CorruptionError(f"{name}: short read at offset {offset} "
+                                  f"({max(0, len(obj) - offset)} of {length} bytes)")
+        return bytes(obj[offset:offset + length])
+
+    def size(self, name: str) -> int:
+        check_name(name)
+        with self._lock:
+            try:
+                return len(self._objects[name])
+            except KeyError:
+                raise FileNotFoundError(errno.ENOENT, "no such object", name) from None
+
+    def exists(self, name: str) -> bool:
+        check_name(name)
+        with self._lock:
+            return name in self._objects
+
+    def list(self, prefix: str = "") -> list[str]:
+        with self._lock:
+            return sorted(n for n in self._objects if n.startswith(prefix))
+
+    def delete(self, name: str) -> None:
+        check_name(name)
+        with self._lock:
+            self._objects.pop(name, None)
+
+    def sync(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,307 @@
+"""Block frames: the self-describing, checked encoding of one block.
+
+A frame records its own pipeline, applied in this order when encoding and in
+reverse when decoding::
+
+    raw block --[delta: xor/sub against a base block]--> --[byte grouping by width]-->
+        --[zstd per stream, or the stream raw when zstd does not pay]--> frame
+
+Every field a decoder needs is in the frame header (docs/format.md, "Frames").
+Decoding validates the header (magic, CRC, lengths, codec ids) before it
+allocates anything, bounds every decompression by the length the header
+promises, and re-hashes the result against the block id. A frame can therefore
+never make a reader allocate more than ``raw_len`` or return wrong bytes.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import zstandard
+
+from .errors import CorruptionError
+from .hashing import block_id
+
+FRAME_MAGIC = b"DKF1"
+FRAME_VERSION = 1
+#: largest raw block a frame may describe; a reader refuses anything larger
+MAX_BLOCK_BYTES = 256 * 1024 * 1024
+
+DELTA_NONE, DELTA_XOR, DELTA_SUB = 0, 1, 2
+DELTA_NAMES = {DELTA_NONE: "none", DELTA_XOR: "xor", DELTA_SUB: "sub"}
+TRANSFORM_NONE, TRANSFORM_BYTEGROUP = 0, 1
+STREAM_RAW, STREAM_ZSTD = 0, 1
+
+# magic, version, delta, transform, width, nstreams, level, reserved(2), raw_len, id, base
+_HEADER = struct.Struct("<4sBBBBBBHI16s16s")
+HEADER_SIZE = _HEADER.size  # 48
+_STREAM = struct.Struct("<BI")
+_CRC = struct.Struct("<I")
+_ZERO_ID = bytes(16)
+_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+#: a zstd stream is kept only when it is at most this fraction of the raw stream
+_KEEP_RATIO = 0.98
+#: streams larger than this are first probed with a sample to skip hopeless zstd calls
+_PROBE_MIN = 256 * 1024
+_PROBE_SIZE = 32 * 1024
+
+
+@dataclass(frozen=True)
+class FrameInfo:
+    """What a frame header says, validated."""
+
+    block_id: bytes
+    raw_len: int
+    delta: int
+    base_id: bytes | None
+    transform: int
+    width: int
+    level: int
+    streams: tuple[tuple[int, int], ...]  # (mode, stored_len)
+    payload_offset: int  # offset of the first stream within the frame
+    frame_len: int
+
+    @property
+    def codec(self) -> str:
+        """Short text form of the pipeline, e.g. ``xor>group4>zstd1``."""
+        parts = []
+        if self.delta != DELTA_NONE:
+            parts.append(DELTA_NAMES[self.delta])
+        if self.transform == TRANSFORM_BYTEGROUP:
+            parts.append(f"group{self.width}")
+        if any(m == STREAM_ZSTD for m, _ in self.streams):
+            parts.append(f"zstd{self.level}")
+        return ">".join(parts) or "raw"
+
+
+@dataclass(frozen=True)
+class CodecConfig:
+    """How new blocks are encoded (decoding needs none of it: frames describe themselves)."""
+
+    level: int = 1
+    bytegroup: bool = True
+
+    def to_json(self) -> dict:
+        return {"level": self.level, "bytegroup": self.bytegroup}
+
+    @classmethod
+    def from_json(cls, data: dict) -> CodecConfig:
+        return cls(level=int(data.get("level", 1)), bytegroup=bool(data.get("bytegroup", True)))
+
+
+_local = threading.local()
+
+
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    cache = getattr(_local, "compressors", None)
+    if cache is None:
+        cache = _local.compressors = {}
+    c = cache.get(level)
+    if c is None:
+        # content size in every frame lets the decoder check it before allocating
+        c = cache[level] = zstandard.ZstdCompressor(level=level, write_content_size=True,
+                                                     write_checksum=False)
+    return c
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    d = getattr(_local, "decompressor", None)
+    if d is None:
+        d = _local.decompressor = zstandard.ZstdDecompressor()
+    return d
+
+
+def apply_delta(mode: int, raw: np.ndarray, base: np.ndarray, width: int) -> np.ndarray:
+    """The residual of ``raw`` against ``base`` (new array); widths 1, 2, 4 or 8."""
+    ut = _UINT[width]
+    a, b = raw.view(ut), base.view(ut)
+    if mode == DELTA_XOR:
+        return np.bitwise_xor(a, b).view(np.uint8)
+    if mode == DELTA_SUB:
+        return np.subtract(a, b).view(np.uint8)  # wraps around: exact inverse is add
+    raise ValueError(f"unknown delta mode {mode}")
+
+
+def undo_delta(mode: int, residual: np.ndarray, base: np.ndarray, width: int) -> None:
+    """In place: turn ``residual`` back into the raw block."""
+    ut = _UINT[width]
+    r, b = residual.view(ut), base.view(ut)
+    if mode == DELTA_XOR:
+        np.bitwise_xor(r, b, out=r)
+    elif mode == DELTA_SUB:
+        np.add(r, b, out=r)
+    else:
+        raise ValueError(f"unknown delta mode {mode}")
+
+
+def _compress_stream(stream: np.ndarray, level: int) -> tuple[int, bytes | memoryview]:
+    n = stream.nbytes
+    if n == 0:
+        return STREAM_RAW, b""
+    comp = _compressor(level)
+    if n >= _PROBE_MIN:
+        mid = (n // 2) - (_PROBE_SIZE // 2)
+        sample = comp.compress(stream[mid:mid + _PROBE_SIZE])
+        if len(sample) >= _PROBE_SIZE * 0.995:
+            return STREAM_RAW, memoryview(stream)
+    out = comp.compress(stream)
+    if len(out) <= n * _KEEP_RATIO:
+        return STREAM_ZSTD, out
+    return STREAM_RAW, memoryview(stream)
+
+
+def encode(raw: np.ndarray, bid: bytes, width: int, config: CodecConfig,
+           base: np.ndarray | None = None, base_id: bytes | None = None,
+           delta: int = DELTA_NONE) -> list[bytes | memoryview]:
+    """Encode one block into a frame, returned as a list of buffers to write in order.
+
+    ``raw`` is a flat uint8 array (a view into the caller's tensor is fine: it is
+    never modified). With ``base`` and ``delta``, the block is stored as its
+    residual against ``base`` (same length). ``width`` is the element width used
+    for delta arithmetic and byte grouping.
+    """
+    n = raw.nbytes
+    if n > MAX_BLOCK_BYTES:
+        raise ValueError(f"block of {n} bytes exceeds the {MAX_BLOCK_BYTES}-byte frame limit")
+    if width not in _UINT or n % width:
+        width = 1
+    data = raw
+    if delta != DELTA_NONE:
+        if base is None or base_id is None or base.nbytes != n:
+            raise ValueError("a delta frame needs a base block of the same length")
+        data = apply_delta(delta, raw, base, width)
+    transform = TRANSFORM_NONE
+    if config.bytegroup and width > 1 and n:
+        transform = TRANSFORM_BYTEGROUP
+        grouped = np.ascontiguousarray(data.reshape(-1, width).T)
+        streams = [grouped[k] for k in range(width)]
+    else:
+        streams = [data]
+    encoded = [_compress_stream(s, config.level) for s in streams]
+    header = _HEADER.pack(FRAME_MAGIC, FRAME_VERSION, delta, transform, width, len(encoded),
+                          config.level, 0, n, bid, base_id if delta else _ZERO_ID)
+    table = b"".join(_STREAM.pack(mode, len(buf) if isinstance(buf, bytes) else buf.nbytes)
+                     for mode, buf in encoded)
+    head = header + table
+    return [head + _CRC.pack(zlib.crc32(head)), *(buf for _, buf in encoded)]
+
+
+def frame_length(parts: list[bytes | memoryview]) -> int:
+    return sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
+
+
+def parse_header(buf: bytes | memoryview, where: str = "frame",
+                 max_raw: int = MAX_BLOCK_BYTES) -> FrameInfo:
+    """Validate and parse a frame header from the start of ``buf``.
+
+    Raises :class:`CorruptionError` (mentioning ``where``) on any inconsistency.
+    ``buf`` must hold at least the header and stream table (HEADER_SIZE + 5*16 + 4
+    bytes suffice for any valid frame).
+    """
+    mv = memoryview(buf)
+    if len(mv) < HEADER_SIZE + _STREAM.size + _CRC.size:
+        raise CorruptionError(f"{where}: truncated frame ({len(mv)} bytes)")
+    (magic, version, delta, transform, width, nstreams, level, _res, raw_len, bid,
+     base) = _HEADER.unpack_from(mv, 0)
+    if magic != FRAME_MAGIC:
+        raise CorruptionError(f"{where}: bad frame magic {bytes(magic)!r}")
+    if version != FRAME_VERSION:
+        raise CorruptionError(f"{where}: unsupported frame version {version}")
+    if not 1 <= nstreams <= 16:
+        raise CorruptionError(f"{where}: bad stream count {nstreams}")
+    table_end = HEADER_SIZE + nstreams * _STREAM.size
+    if len(mv) < table_end + _CRC.size:
+        raise CorruptionError(f"{where}: truncated frame header")
+    (crc,) = _CRC.unpack_from(mv, table_end)
+    if zlib.crc32(mv[:table_end]) != crc:
+        raise CorruptionError(f"{where}: frame header checksum mismatch")
+    if delta not in DELTA_NAMES or transform not in (TRANSFORM_NONE, TRANSFORM_BYTEGROUP):
+        raise CorruptionError(f"{where}: unknown codec (delta={delta}, transform={transform})")
+    if width not in _UINT:
+        raise CorruptionError(f"{where}: bad element width {width}")
+    if raw_len > max_raw:
+        raise CorruptionError(f"{where}: frame claims {raw_len} raw bytes (limit {max_raw})")
+    if raw_len % width:
+        raise CorruptionError(f"{where}: raw length {raw_len} not a multiple of width {width}")
+    expected_streams = width if transform == TRANSFORM_BYTEGROUP else 1
+    if nstreams != expected_streams:
+        raise CorruptionError(f"{where}: {nstreams} streams, expected {expected_streams}")
+    streams = tuple(_STREAM.unpack_from(mv, HEADER_SIZE + i * _STREAM.size)
+                    for i in range(nstreams))
+    stream_raw = raw_len // nstreams
+    for mode, stored in streams:
+        if mode == STREAM_RAW and stored != stream_raw:
+            raise CorruptionError(f"{where}: raw stream of {stored} bytes, expected {stream_raw}")
+        if mode not in (STREAM_RAW, STREAM_ZSTD):
+            raise CorruptionError(f"{where}: unknown stream mode {mode}")
+        if mode == STREAM_ZSTD and stored > stream_raw + 1024 + stream_raw // 64:
+            raise CorruptionError(f"{where}: zstd stream larger than its bound")
+    payload_offset = table_end + _CRC.size
+    return FrameInfo(
+        block_id=bytes(bid), raw_len=raw_len, delta=delta,
+        base_id=bytes(base) if delta != DELTA_NONE else None, transform=transform,
+        width=width, level=level, streams=streams, payload_offset=payload_offset,
+        frame_len=payload_offset + sum(s for _, s in streams),
+    )
+
+
+def decode_into(frame: bytes | memoryview, out: np.ndarray, info: FrameInfo | None = None,
+                base: np.ndarray | None = None, where: str = "block",
+                hash_name: str = "xxh3_128") -> FrameInfo:
+    """Decode ``frame`` into the flat uint8 array ``out`` (exactly ``raw_len`` bytes).
+
+    Verifies lengths before decompressing and the block id after; a delta frame
+    needs its decoded ``base``. Raises :class:`CorruptionError` naming ``where``.
+    """
+    mv = memoryview(frame)
+    if info is None:
+        info = parse_header(mv, where)
+    if out.nbytes != info.raw_len:
+        raise CorruptionError(f"{where}: frame holds {info.raw_len} bytes, "
+                              f"index expects {out.nbytes}")
+    if len(mv) < info.frame_len:
+        raise CorruptionError(f"{where}: frame truncated ({len(mv)} of {info.frame_len} bytes)")
+    if info.delta != DELTA_NONE and (base is None or base.nbytes != info.raw_len):
+        raise CorruptionError(f"{where}: delta base missing or of the wrong length")
+    n = info.raw_len
+    nstreams = len(info.streams)
+    stream_raw = n // nstreams
+    pos = info.payload_offset
+    grouped = info.transform == TRANSFORM_BYTEGROUP
+    target = out.reshape(-1, info.width) if grouped and n else out
+    for k, (mode, stored) in enumerate(info.streams):
+        chunk = mv[pos:pos + stored]
+        pos += stored
+        if mode == STREAM_ZSTD:
+            try:
+                size = zstandard.frame_content_size(chunk)
+            except zstandard.ZstdError as exc:
+                raise CorruptionError(f"{where}: bad zstd stream: {exc}") from None
+            if size != stream_raw:
+                raise CorruptionError(f"{where}: zstd stream claims {size} bytes, "
+                                      f"expected {stream_raw}")
+            try:
+                data = _decompressor().decompress(chunk, max_output_size=stream_raw)
+            except zstandard.ZstdError as exc:
+                raise CorruptionError(f"{where}: zstd stream does not decode: {exc}") from None
+            if len(data) != stream_raw:
+                raise CorruptionError(f"{where}: zstd stream decoded to {len(data)} bytes")
+            src = np.frombuffer(data, dtype=np.uint8)
+        else:
+            src = np.frombuffer(chunk, dtype=np.uint8)
+        if grouped:
+            target[:, k] = src
+        else:
+            out[:] = src
+    if info.delta != DELTA_NONE:
+        assert base is not None
+        undo_delta(info.delta, out, base, info.width)
+    if block_id(out, hash_name) != info.block_id:
+        raise CorruptionError(f"{where}: decoded bytes do not match block id "
+                              f"{info.block_id.hex()[:12]}")
+    return info

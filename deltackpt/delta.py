@@ -1,0 +1,85 @@
+"""Delta policy: which stored block a changed block is encoded against.
+
+A changed block at the same position (entry path, dtype, shape, block index) of
+the parent step is a natural base: consecutive checkpoints are numerically
+close, so the residual (XOR or integer difference of the bit patterns) has long
+runs of zero high bits and compresses far better than the block itself.
+
+Every block records ``depth``: how many saves ago its position last got a
+keyframe (a standalone block). Two policies bound restore cost:
+
+- ``chain``: the base is the parent's block; decoding follows up to
+  ``max_depth`` hops. Smallest residuals, restore cost grows with depth.
+- ``keyframe``: the base is the keyframe the parent's block was encoded against;
+  decoding is always one hop, residuals grow with the distance to the keyframe.
+
+Either way a keyframe is written once ``depth`` would exceed ``max_depth``, and
+a delta frame is kept only when it is smaller than the standalone frame.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .codec import DELTA_NONE, DELTA_SUB, DELTA_XOR
+
+MODES = {"xor": DELTA_XOR, "sub": DELTA_SUB, "none": DELTA_NONE}
+POLICIES = ("chain", "keyframe")
+
+
+@dataclass(frozen=True)
+class DeltaConfig:
+    """``mode``: ``xor``, ``sub`` or ``none``; ``policy``: ``chain`` or ``keyframe``."""
+
+    mode_name: str = "xor"
+    policy: str = "chain"
+    max_depth: int = 8
+
+    def __post_init__(self) -> None:
+        if self.mode_name not in MODES:
+            raise ValueError(f"unknown delta mode {self.mode_name!r}; use one of {list(MODES)}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown delta policy {self.policy!r}; use one of {POLICIES}")
+        if not 1 <= self.max_depth <= 1000:
+            raise ValueError(f"max_depth must be in [1, 1000], got {self.max_depth}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode_name != "none"
+
+    @property
+    def mode(self) -> int:
+        return MODES[self.mode_name]
+
+    def plan(self, parent_id: bytes, parent_depth: int,
+             root_of: Callable[[bytes], bytes]) -> tuple[bytes, int] | None:
+        """(base id, depth of the new block), or None to write a keyframe."""
+        depth = parent_depth + 1
+        if not self.enabled or depth > self.max_depth:
+            return None
+        if self.policy == "chain":
+            return parent_id, depth
+        return root_of(parent_id), depth
+
+    def to_json(self) -> dict[str, Any]:
+        return {"mode": self.mode_name, "policy": self.policy, "max_depth": self.max_depth}
+
+    @classmethod
+    def from_json(cls, data: dict) -> DeltaConfig:
+        return cls(str(data.get("mode", "xor")), str(data.get("policy", "chain")),
+                   int(data.get("max_depth", 8)))
+
+    @classmethod
+    def parse(cls, spec: str | DeltaConfig | None) -> DeltaConfig:
+        """Accept a DeltaConfig, ``"none"``, ``"xor"``, ``"sub"``, or ``"xor:chain:8"``."""
+        if isinstance(spec, DeltaConfig):
+            return spec
+        if spec is None:
+            return cls()
+        parts = str(spec).split(":")
+        mode = parts[0] or "xor"
+        policy = parts[1] if len(parts) > 1 else "chain"
+        depth = int(parts[2]) if len(parts) > 2 else 8
+        return cls(mode, policy, depth)

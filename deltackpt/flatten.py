@@ -1,0 +1,312 @@
+"""Turn a nested training state into a JSON tree plus a flat list of array leaves.
+
+The tree keeps every container and small value exactly (types, key order, float
+bits); large values (tensors, numpy arrays, bytes) become *entries* that the
+store chunks into blocks. ``unflatten`` is the exact inverse. No pickle: anything
+that is not one of the types below raises :class:`UnsupportedValueError` naming
+its path, before the store writes a byte.
+
+Tree encoding (format version 1; see docs/format.md):
+
+- ``null``, ``true``/``false``, JSON integers and strings stand for themselves;
+- ``["f", float.hex()]`` a float (exact, including nan/inf/-0.0);
+- ``["L", [..]]`` list, ``["T", [..]]`` tuple, ``["D", [[key, value], ..]]`` dict,
+  ``["O", [[key, value], ..], metadata]`` OrderedDict (``metadata`` is the tree of
+  a ``state_dict()``'s ``_metadata`` attribute or null); keys are str or int;
+- ``["E", index, attrs]`` the entry with that index (attrs: ``{}`` or e.g.
+  ``{"requires_grad": false, "device": "cuda:0"}``);
+- ``["S", [ints]]`` torch.Size, ``["dt", name]`` torch.dtype, ``["dev", str]``
+  torch.device, ``["N", dtype.str, hex bytes]`` a numpy scalar.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .dtypes import numpy_dtype, numpy_dtype_name, torch_dtype, torch_dtype_name
+from .errors import UnsupportedValueError
+
+TREE_VERSION = 1
+
+
+@dataclass
+class Leaf:
+    """One array-like value of the state: what the store chunks into blocks."""
+
+    index: int
+    path: str
+    kind: str  # "tensor" | "parameter" | "ndarray" | "bytes"
+    dtype: str
+    shape: tuple[int, ...]
+    value: Any = field(repr=False)
+    device: str = "cpu"
+
+    @property
+    def nbytes(self) -> int:
+        if self.kind == "bytes":
+            return len(self.value)
+        if self.kind == "ndarray":
+            return int(self.value.nbytes)
+        return int(self.value.numel() * self.value.element_size())
+
+
+def escape_key(key: str | int) -> str:
+    """Path component of a dict key or list index ('/' and '%' escaped)."""
+    if isinstance(key, int):
+        return str(key)
+    return key.replace("%", "%25").replace("/", "%2F")
+
+
+def join_path(parent: str, key: str | int) -> str:
+    part = escape_key(key)
+    return f"{parent}/{part}" if parent else part
+
+
+def _type_name(value: Any) -> str:
+    t = type(value)
+    return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+
+
+def _unsupported(path: str, value: Any, why: str = "") -> UnsupportedValueError:
+    where = f"'{path}'" if path else "the top level"
+    extra = f" ({why})" if why else ""
+    return UnsupportedValueError(
+        f"cannot store a value of type {_type_name(value)} at {where}{extra}: deltackpt "
+        "stores dict/OrderedDict/list/tuple containers with str or int keys, and "
+        "int, float, bool, None, str, bytes, torch.Tensor and numpy.ndarray leaves, "
+        "without pickle; convert it to one of these (e.g. its state_dict() or a str)"
+    )
+
+
+class _Flattener:
+    def __init__(self) -> None:
+        self.leaves: list[Leaf] = []
+        self.paths: set[str] = set()
+
+    def add_leaf(self, path: str, kind: str, dtype: str, shape: tuple[int, ...], value: Any,
+                 device: str = "cpu") -> int:
+        if path in self.paths:
+            raise UnsupportedValueError(
+                f"two values map to the same path '{path}' (an int key and a str key "
+                "with the same text?); rename one of them"
+            )
+        self.paths.add(path)
+        leaf = Leaf(len(self.leaves), path, kind, dtype, shape, value, device)
+        self.leaves.append(leaf)
+        return leaf.index
+
+    def key(self, key: Any, path: str) -> Any:
+        if type(key) is str or type(key) is int:
+            return key
+        raise UnsupportedValueError(
+            f"dict key {key!r} of type {_type_name(key)} at '{path or '/'}' is not "
+            "supported: keys must be str or int"
+        )
+
+    def walk(self, value: Any, path: str, depth: int = 0) -> Any:
+        if depth > 200:
+            raise UnsupportedValueError(f"state nested deeper than 200 levels at '{path}'")
+        t = type(value)
+        if value is None or t is bool or t is str:
+            return value
+        if t is int:
+            return value
+        if t is float:
+            return ["f", float.hex(value) if math.isfinite(value) else repr(value)]
+        if t is list or t is tuple:
+            items = [self.walk(v, join_path(path, i), depth + 1) for i, v in enumerate(value)]
+            return ["L" if t is list else "T", items]
+        if t is dict or t is collections.OrderedDict:
+            pairs = []
+            for k, v in value.items():
+                k = self.key(k, path)
+                pairs.append([k, self.walk(v, join_path(path, k), depth + 1)])
+            if t is dict:
+                return ["D", pairs]
+            meta = getattr(value, "_metadata", None)
+            meta_tree = None if meta is None else self.walk(meta, join_path(path, "@metadata"),
+                                                            depth + 1)
+            return ["O", pairs, meta_tree]
+        if t is bytes:
+            idx = self.add_leaf(path, "bytes", "uint8", (len(value),), value)
+            return ["E", idx, {}]
+        if isinstance(value, torch.Tensor):
+            return self.tensor(value, path)
+        if t is np.ndarray:
+            name = numpy_dtype_name(value.dtype)
+            if name is None:
+                raise _unsupported(path, value, f"numpy dtype {value.dtype} has no fixed layout")
+            idx = self.add_leaf(path, "ndarray", name, tuple(int(s) for s in value.shape), value)
+            return ["E", idx, {}]
+        if isinstance(value, np.generic) and t is not np.object_:
+            name = numpy_dtype_name(value.dtype)
+            if name is None:
+                raise _unsupported(path, value, f"numpy dtype {value.dtype} has no fixed layout")
+            return ["N", name, value.tobytes().hex()]
+        if t is torch.Size:
+            return ["S", [int(s) for s in value]]
+        if t is torch.dtype:
+            name = torch_dtype_name(value)
+            if name is None:
+                raise _unsupported(path, value, f"dtype {value} is not storable")
+            return ["dt", name]
+        if t is torch.device:
+            return ["dev", str(value)]
+        raise _unsupported(path, value)
+
+    def tensor(self, value: torch.Tensor, path: str) -> Any:
+        t = type(value)
+        if t is torch.nn.Parameter:
+            kind = "parameter"
+        elif t is torch.Tensor:
+            kind = "tensor"
+        else:
+            raise _unsupported(path, value, "tensor subclasses are not storable")
+        if value.layout != torch.strided:
+            raise _unsupported(path, value, f"layout {value.layout} is not storable; "
+                               "call .to_dense() first")
+        if value.is_quantized:
+            raise _unsupported(path, value, "quantized tensors are not storable")
+        if value.device.type == "meta":
+            raise _unsupported(path, value, "a meta tensor has no data")
+        name = torch_dtype_name(value.dtype)
+        if name is None:
+            raise _unsupported(path, value, f"dtype {value.dtype} is not storable")
+        attrs: dict[str, Any] = {}
+        if kind == "parameter":
+            attrs["requires_grad"] = bool(value.requires_grad)
+        device = str(value.device)
+        if device != "cpu":
+            attrs["device"] = device
+        idx = self.add_leaf(path, kind, name, tuple(int(s) for s in value.shape), value, device)
+        return ["E", idx, attrs]
+
+
+def flatten(state: Any) -> tuple[Any, list[Leaf]]:
+    """Split ``state`` into its JSON tree and its array leaves (in tree order)."""
+    f = _Flattener()
+    tree = f.walk(state, "")
+    return tree, f.leaves
+
+
+def _bad_tree(why: str) -> ValueError:
+    return ValueError(f"malformed state tree: {why}")
+
+
+def unflatten(tree: Any, entries: dict[int, Any]) -> Any:
+    """Rebuild the state from its tree; ``entries`` maps entry index to its value.
+
+    Entries missing from ``entries`` (not selected) are skipped together with the
+    containers that hold nothing else, see :func:`prune_tree`.
+    """
+    return _build(tree, entries, 0)
+
+
+def _build(node: Any, entries: dict[int, Any], depth: int) -> Any:
+    if depth > 250:
+        raise _bad_tree("nested too deep")
+    if node is None or isinstance(node, (bool, str)):
+        return node
+    if isinstance(node, int):
+        return node
+    if not isinstance(node, list) or not node or not isinstance(node[0], str):
+        raise _bad_tree(f"unexpected node {node!r:.80}")
+    tag = node[0]
+    if tag == "f":
+        s = node[1]
+        return float(s) if s in ("nan", "inf", "-inf") else float.fromhex(s)
+    if tag in ("L", "T"):
+        items = [_build(v, entries, depth + 1) for v in node[1]]
+        return items if tag == "L" else tuple(items)
+    if tag == "D":
+        return {k: _build(v, entries, depth + 1) for k, v in node[1]}
+    if tag == "O":
+        od = collections.OrderedDict((k, _build(v, entries, depth + 1)) for k, v in node[1])
+        if len(node) > 2 and node[2] is not None:
+            od._metadata = _build(node[2], entries, depth + 1)  # type: ignore[attr-defined]
+        return od
+    if tag == "E":
+        return entries[int(node[1])]
+    if tag == "N":
+        dt = numpy_dtype(node[1])
+        return np.frombuffer(bytes.fromhex(node[2]), dtype=dt)[0]
+    if tag == "S":
+        return torch.Size(int(s) for s in node[1])
+    if tag == "dt":
+        return torch_dtype(node[1])
+    if tag == "dev":
+        return torch.device(node[1])
+    raise _bad_tree(f"unknown tag {tag!r}")
+
+
+def entry_indices(tree: Any) -> list[int]:
+    """Indices of all entries referenced by ``tree``, in tree order."""
+    out: list[int] = []
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list) and node and isinstance(node[0], str):
+            tag = node[0]
+            if tag == "E":
+                out.append(int(node[1]))
+            elif tag in ("L", "T"):
+                stack.extend(reversed(node[1]))
+            elif tag in ("D", "O"):
+                stack.extend(reversed([v for _, v in node[1]]))
+    return out
+
+
+def select_tree(tree: Any, select: list[str]) -> Any:
+    """The part of ``tree`` under the chosen paths, containers above them kept.
+
+    A path names a dict key or list index at each level joined by '/'; selecting
+    "optimizer/state" keeps ``{"optimizer": {"state": ...}}``. Paths that match
+    nothing raise KeyError naming them.
+    """
+    wanted = [p.strip("/").split("/") for p in select]
+    matched = [False] * len(wanted)
+
+    def walk(node: Any, prefixes: list[tuple[int, list[str]]]) -> Any:
+        # prefixes: (select index, remaining components); empty remaining => whole node
+        for i, rest in prefixes:
+            if not rest:
+                matched[i] = True
+                return node
+        if not (isinstance(node, list) and node and node[0] in ("L", "T", "D", "O")):
+            return _MISSING
+        tag = node[0]
+        if tag in ("L", "T"):
+            items = []
+            for idx, child in enumerate(node[1]):
+                sub = [(i, r[1:]) for i, r in prefixes if r[0] == str(idx)]
+                if sub:
+                    got = walk(child, sub)
+                    if got is not _MISSING:
+                        items.append(got)
+            return [tag, items] if items else _MISSING
+        pairs = []
+        for k, child in node[1]:
+            sub = [(i, r[1:]) for i, r in prefixes if r[0] == escape_key(k)]
+            if sub:
+                got = walk(child, sub)
+                if got is not _MISSING:
+                    pairs.append([k, got])
+        if not pairs:
+            return _MISSING
+        return [tag, pairs, node[2]] if tag == "O" else [tag, pairs]
+
+    out = walk(tree, [(i, w) for i, w in enumerate(wanted)])
+    missing = [select[i] for i, m in enumerate(matched) if not m]
+    if missing:
+        raise KeyError(", ".join(repr(m) for m in missing))
+    return out
+
+
+_MISSING = object()
+

@@ -1,0 +1,187 @@
+"""The SQLite index: steps, their entries and block lists, blocks, packs.
+
+The index is the commit point of a store: a step exists exactly when its row in
+``steps`` is committed. The schema below is normative (docs/format.md, "Index");
+changes are named migrations applied in order on open.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import sqlite_utils
+
+from .errors import FormatVersionError
+
+SCHEMA_VERSION = 1
+
+SCHEMA_V1 = """
+CREATE TABLE meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE packs (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    size INTEGER NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE blocks (
+    id BLOB PRIMARY KEY,            -- 16-byte block id
+    pack_id INTEGER NOT NULL REFERENCES packs(id),
+    offset INTEGER NOT NULL,        -- of the frame within the pack
+    length INTEGER NOT NULL,        -- of the frame
+    raw_len INTEGER NOT NULL,
+    codec TEXT NOT NULL,            -- informational, e.g. 'xor>group4>zstd1'
+    base BLOB,                      -- id of the delta base block, NULL for a keyframe
+    depth INTEGER NOT NULL,         -- delta chain length to a keyframe (0 = keyframe)
+    first_step INTEGER NOT NULL     -- the step whose save wrote this block
+) WITHOUT ROWID;
+CREATE INDEX blocks_pack ON blocks(pack_id);
+CREATE INDEX blocks_first_step ON blocks(first_step);
+CREATE TABLE steps (
+    step INTEGER PRIMARY KEY,
+    created_at REAL NOT NULL,
+    metrics TEXT NOT NULL,          -- JSON object
+    tags TEXT NOT NULL,             -- JSON array of str
+    note TEXT,
+    tree TEXT NOT NULL,             -- JSON state tree (deltackpt/flatten.py)
+    logical_bytes INTEGER NOT NULL,
+    written_bytes INTEGER NOT NULL,
+    new_chunks INTEGER NOT NULL,
+    total_chunks INTEGER NOT NULL,
+    parent INTEGER,                 -- step whose blocks served as delta bases
+    manifest TEXT NOT NULL          -- object name of the step's manifest
+);
+CREATE TABLE entries (
+    step INTEGER NOT NULL REFERENCES steps(step) ON DELETE CASCADE,
+    idx INTEGER NOT NULL,           -- entry index referenced by the tree
+    path TEXT NOT NULL,
+    kind TEXT NOT NULL,             -- tensor | parameter | ndarray | bytes
+    dtype TEXT NOT NULL,
+    shape TEXT NOT NULL,            -- JSON array of int
+    nbytes INTEGER NOT NULL,
+    block_size INTEGER NOT NULL,
+    blocks BLOB NOT NULL,           -- concatenated 16-byte block ids, in order
+    PRIMARY KEY (step, idx)
+) WITHOUT ROWID;
+CREATE INDEX entries_path ON entries(path, step);
+"""
+
+#: migrations[v] upgrades a schema at version v to v + 1
+MIGRATIONS: dict[int, str] = {}
+
+
+class Index:
+    """One SQLite connection to a store's index, serialised by a lock.
+
+    Reads run in their own transaction (:meth:`read`), so a reader sees a
+    consistent snapshot while a writer commits; the writer's commit is the
+    ``with index.write():`` block.
+    """
+
+    def __init__(self, path: str, durable: bool = True, readonly: bool = False) -> None:
+        self.path = path
+        uri = path != ":memory:"
+        target = f"file:{path}?mode=ro" if readonly and uri else path
+        self.conn = sqlite3.connect(target, uri=readonly and uri, check_same_thread=False,
+                                    isolation_level=None, timeout=60.0)
+        self.db = sqlite_utils.Database(self.conn)
+        self.lock = threading.RLock()
+        self.conn.execute("PRAGMA busy_timeout = 60000")
+        if path != ":memory:" and not readonly:
+            self.conn.execute("PRAGMA journal_mode = WAL")
+        self.conn.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
+        self.conn.execute("PRAGMA foreign_keys = ON")
+
+    # -- schema ---------------------------------------------------------------
+    def schema_version(self) -> int:
+        with self.lock:
+            if "meta" not in self.db.table_names():
+                return 0
+            row = self.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            return int(row[0]) if row else 0
+
+    def create_or_migrate(self, meta: dict[str, str]) -> None:
+        """Create the schema on a new index, or migrate an older one, in one transaction."""
+        with self.write():
+            version = self.schema_version()
+            if version == 0:
+                for stmt in _statements(SCHEMA_V1):
+                    self.conn.execute(stmt)
+                version = 1
+                for k, v in meta.items():
+                    self.conn.execute("INSERT INTO meta(key, value) VALUES (?, ?)", (k, v))
+            if version > SCHEMA_VERSION:
+                raise FormatVersionError(
+                    f"{self.path}: index schema version {version} is newer than this "
+                    f"deltackpt supports ({SCHEMA_VERSION}); upgrade deltackpt"
+                )
+            while version < SCHEMA_VERSION:
+                for stmt in _statements(MIGRATIONS[version]):
+                    self.conn.execute(stmt)
+                version += 1
+            self.conn.execute(
+                "INSERT OR REPLACE INTO meta(key, value) VALUES ('schema_version', ?)",
+                (str(version),),
+            )
+
+    def check_version(self) -> None:
+        version = self.schema_version()
+        if version > SCHEMA_VERSION:
+            raise FormatVersionError(
+                f"{self.path}: index schema version {version} is newer than this deltackpt "
+                f"supports ({SCHEMA_VERSION}); upgrade deltackpt"
+            )
+
+    # -- transactions ---------------------------------------------------------
+    @contextmanager
+    def write(self) -> Iterator[sqlite3.Connection]:
+        """An IMMEDIATE transaction: committed on success, rolled back on error."""
+        with self.lock:
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.conn
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+            self.conn.execute("COMMIT")
+
+    @contextmanager
+    def read(self) -> Iterator[sqlite3.Connection]:
+        """A read transaction: a consistent snapshot of the index."""
+        with self.lock:
+            self.conn.execute("BEGIN")
+            try:
+                yield self.conn
+            finally:
+                self.conn.execute("COMMIT")
+
+    def query(self, sql: str, params: Iterable = ()) -> list[tuple]:
+        with self.lock:
+            return self.conn.execute(sql, tuple(params)).fetchall()
+
+    def close(self) -> None:
+        with self.lock:
+            self.conn.close()
+
+
+def _statements(script: str) -> list[str]:
+    out, buf = [], []
+    for line in script.splitlines():
+        line = line.split("--", 1)[0].rstrip()
+        if not line:
+            continue
+        buf.append(line)
+        if line.endswith(";"):
+            out.append("\n".join(buf))
+            buf = []
+    return out
+
+
+def chunked(items: list, size: int = 500) -> Iterator[list]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]

@@ -1,0 +1,1208 @@
+"""The store: save and load whole training states, step by step.
+
+Save: flatten → hash blocks (thread pool) → dedup against the index → encode new
+blocks (thread pool) → append frames to packs → fsync packs → write the step
+manifest → one SQLite transaction (the commit point). Load: plan from the index
+in one read transaction → read frames → decode in parallel straight into the
+output tensors → rebuild the tree. docs/architecture.md walks through both.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import codec as codec_mod
+from .backend import PARTIAL_SUFFIX, Backend, LocalBackend, MemoryBackend
+from .codec import CodecConfig, FrameInfo
+from .delta import DeltaConfig
+from .dtypes import dtype_info
+from .errors import (
+    CorruptionError,
+    DeltackptError,
+    FormatVersionError,
+    InvalidStoreError,
+    StepExistsError,
+    StepNotFoundError,
+    StoreClosedError,
+    UnsupportedValueError,
+)
+from .faults import crash_point
+from .flatten import Leaf, entry_indices, flatten, select_tree, unflatten
+from .hashing import DEFAULT_BLOCK_SIZE, HASHES, ID_SIZE, block_id, block_spans, unpack_ids
+from .index import Index, chunked
+from .lock import WriterLock
+from .packs import (
+    MANIFEST_PREFIX,
+    MANIFEST_VERSION,
+    PACK_PREFIX,
+    PackWriter,
+    decode_manifest,
+    encode_manifest,
+    manifest_name,
+)
+from .results import EntryInfo, GcResult, SaveResult, StepInfo, VerifyResult
+from .tensors import empty_output, finish_output, leaf_bytes, move, output_bytes
+
+FORMAT_NAME = "deltackpt"
+FORMAT_VERSION = 1
+CONFIG_NAME = "deltackpt.json"
+INDEX_NAME = "index.sqlite"
+LOCK_NAME = "lock"
+#: hashing work is handed to threads in slices of this many bytes
+_HASH_SLICE = 64 * 1024 * 1024
+
+
+def _default_threads() -> int:
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        n = os.cpu_count() or 1
+    return max(1, min(n, 8))
+
+
+@dataclass
+class StoreConfig:
+    """Settings fixed when a store is created (recorded in ``deltackpt.json``)."""
+
+    block_size: int = DEFAULT_BLOCK_SIZE
+    hash: str = "xxh3_128"
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    delta: DeltaConfig = field(default_factory=DeltaConfig)
+
+    def to_json(self) -> dict:
+        return {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "block_size": self.block_size,
+            "hash": self.hash,
+            "codec": self.codec.to_json(),
+            "delta": self.delta.to_json(),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict, where: str) -> StoreConfig:
+        if data.get("format") != FORMAT_NAME:
+            raise InvalidStoreError(f"{where}: not a deltackpt store")
+        version = data.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
+            raise FormatVersionError(
+                f"{where}: store format version {version!r} is not supported by this "
+                f"deltackpt (reads version {FORMAT_VERSION}); upgrade deltackpt"
+            )
+        cfg = cls(
+            block_size=int(data["block_size"]),
+            hash=str(data["hash"]),
+            codec=CodecConfig.from_json(data.get("codec", {})),
+            delta=DeltaConfig.from_json(data.get("delta", {})),
+        )
+        cfg.validate(where)
+        return cfg
+
+    def validate(self, where: str = "store") -> None:
+        if self.hash not in HASHES:
+            raise InvalidStoreError(f"{where}: unknown block hash {self.hash!r}")
+        if not 4096 <= self.block_size <= codec_mod.MAX_BLOCK_BYTES:
+            raise InvalidStoreError(
+                f"{where}: block_size {self.block_size} outside [4096, "
+                f"{codec_mod.MAX_BLOCK_BYTES}]"
+            )
+
+
+@dataclass
+class _EntryPlan:
+    leaf: Leaf
+    data: np.ndarray  # flat uint8 view of the leaf's bytes
+    width: int
+    spans: list[tuple[int, int]]
+    ids: list[bytes] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Location:
+    pack: str
+    offset: int
+    length: int
+    raw_len: int
+    base: bytes | None
+    depth: int
+
+
+class Store:
+    """A deltackpt store. Make one with :func:`deltackpt.open`.
+
+    Thread-safe: saves, deletes and gc are serialised; loads may run beside them.
+    Closing releases the writer lock, the index and the worker threads.
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        index_path: str,
+        config: StoreConfig,
+        lock_path: str | None = None,
+        threads: int | None = None,
+        lock_timeout: float = 0.0,
+        location: str = "<store>",
+        pack_size: int = 512 * 1024 * 1024,
+        base_cache_bytes: int = 1 << 30,
+    ) -> None:
+        self.backend = backend
+        self.config = config
+        self.location = location
+        self._index = Index(index_path, durable=backend.durable)
+        self._index.check_version()
+        self._index.create_or_migrate({
+            "format_version": str(FORMAT_VERSION),
+            "created_at": repr(time.time()),
+        })
+        self._lock = WriterLock(lock_path) if lock_path else None
+        self._lock_timeout = lock_timeout
+        self._mutex = threading.RLock()
+        self._threads = threads or _default_threads()
+        self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="deltackpt")
+        self._pack_size = pack_size
+        self._closed = False
+        #: raw bytes of the blocks the next save will use as delta bases
+        self._base_cache: dict[bytes, np.ndarray] = {}
+        self._base_cache_limit = base_cache_bytes
+
+    # -- lifecycle ------------------------------------------------------------
+    def close(self) -> None:
+        """Release the writer lock, worker threads and files. Idempotent."""
+        with self._mutex:
+            if self._closed:
+                return
+            self._closed = True
+            self._pool.shutdown(wait=True)
+            self._index.close()
+            self.backend.close()
+            if self._lock is not None:
+                self._lock.release()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<deltackpt.Store {self.location!r}>"
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreClosedError(f"{self.location}: the store is closed")
+
+    def _become_writer(self) -> None:
+        if self._lock is not None and not self._lock.held:
+            self._lock.acquire(self._lock_timeout)
+
+    # -- queries --------------------------------------------------------------
+    def steps(self) -> list[int]:
+        """All committed steps, ascending."""
+        self._check_open()
+        return [r[0] for r in self._index.query("SELECT step FROM steps ORDER BY step")]
+
+    def latest(self) -> int | None:
+        """The newest committed step, or None for an empty store."""
+        self._check_open()
+        row = self._index.query("SELECT MAX(step) FROM steps")
+        return row[0][0] if row else None
+
+    def __contains__(self, step: object) -> bool:
+        if not isinstance(step, int):
+            return False
+        return bool(self._index.query("SELECT 1 FROM steps WHERE step=?", (step,)))
+
+    def info(self, step: int) -> StepInfo:
+        """Metadata of a committed step; StepNotFoundError when absent."""
+        self._check_open()
+        rows = self._index.query(
+            "SELECT step, created_at, metrics, tags, note, logical_bytes, written_bytes, "
+            "new_chunks, total_chunks, parent, (SELECT COUNT(*) FROM entries e "
+            "WHERE e.step = s.step) FROM steps s WHERE step=?",
+            (self._step_arg(step),),
+        )
+        if not rows:
+            raise self._not_found(step)
+        return _step_info(rows[0])
+
+    def log(self) -> list[StepInfo]:
+        """Metadata of every step, ascending."""
+        self._check_open()
+        rows = self._index.query(
+            "SELECT s.step, created_at, metrics, tags, note, logical_bytes, written_bytes, "
+            "new_chunks, total_chunks, parent, COUNT(e.idx) FROM steps s "
+            "LEFT JOIN entries e ON e.step = s.step GROUP BY s.step ORDER BY s.step"
+        )
+        return [_step_info(r) for r in rows]
+
+    def entries(self, step: int) -> list[EntryInfo]:
+        """The array leaves of a step with dtype, shape and size (no data read)."""
+        self._check_open()
+        step = self._step_arg(step)
+        with self._index.read() as conn:
+            if not conn.execute("SELECT 1 FROM steps WHERE step=?", (step,)).fetchone():
+                raise self._not_found(step)
+            rows = conn.execute(
+                "SELECT path, kind, dtype, shape, nbytes, length(blocks) FROM entries "
+                "WHERE step=? ORDER BY idx", (step,)).fetchall()
+        return [EntryInfo(p, k, d, tuple(json.loads(s)), n, b // ID_SIZE)
+                for p, k, d, s, n, b in rows]
+
+    def _step_arg(self, step: Any) -> int:
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
+            raise TypeError(f"step must be an int, not {type(step).__name__}")
+        return int(step)
+
+    def _not_found(self, step: int) -> StepNotFoundError:
+        have = self.steps()
+        hint = (f"; committed steps: {_short_list(have)}" if have else "; the store is empty")
+        return StepNotFoundError(f"{self.location}: step {step} not found{hint}")
+
+    # -- save -----------------------------------------------------------------
+    def save(
+        self,
+        state: Any,
+        step: int,
+        metrics: dict[str, Any] | None = None,
+        tags: Sequence[str] | None = None,
+        note: str | None = None,
+    ) -> SaveResult:
+        """Store ``state`` as ``step`` and return what it cost.
+
+        Everything is validated before a byte is written: unsupported values raise
+        :class:`UnsupportedValueError` naming their path, an existing step
+        :class:`StepExistsError`. The step becomes visible atomically when the
+        call returns; a crash before that leaves only garbage for :meth:`gc`.
+        """
+        self._check_open()
+        t0 = time.perf_counter()
+        step = self._step_arg(step)
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        metrics_json = _metrics_json(metrics)
+        tags_list = _tags_list(tags)
+        if note is not None and not isinstance(note, str):
+            raise TypeError("note must be a str or None")
+        tree, leaves = flatten(state)
+        tree_json = json.dumps(tree, separators=(",", ":"), allow_nan=False)
+        crash_point("save:after-flatten")
+        with self._mutex:
+            self._check_open()
+            self._become_writer()
+            if step in self:
+                raise StepExistsError(f"{self.location}: step {step} already exists; "
+                                      "delete it first or save under another step")
+            parent = self._parent_of(step)
+            plans = self._plan_entries(leaves)
+            self._hash_all(plans)
+            crash_point("save:after-hash")
+            writer = PackWriter(self.backend, self._pack_size)
+            try:
+                new_blocks, written = self._write_new_blocks(plans, step, parent, writer)
+                packs = writer.finish()
+                self.backend.sync()
+            except BaseException:
+                writer.abort()
+                raise
+            crash_point("save:after-packs")
+            created = time.time()
+            manifest = manifest_name(step)
+            payload = {
+                "manifest_version": MANIFEST_VERSION,
+                "step": step,
+                "created_at": created,
+                "metrics": json.loads(metrics_json),
+                "tags": tags_list,
+                "note": note,
+                "parent": parent,
+                "tree": tree,
+                "entries": [_entry_manifest(p) for p in plans],
+            }
+            self.backend.put(manifest, encode_manifest(payload))
+            self.backend.sync()
+            crash_point("save:after-manifest")
+            logical = sum(p.data.nbytes for p in plans)
+            total = sum(len(p.ids) for p in plans)
+            with self._index.write() as conn:
+                pack_ids = {}
+                for name, size in packs:
+                    cur = conn.execute(
+                        "INSERT INTO packs(name, size, created_at) VALUES (?, ?, ?)",
+                        (name, size, created))
+                    pack_ids[name] = cur.lastrowid
+                conn.executemany(
+                    "INSERT INTO blocks(id, pack_id, offset, length, raw_len, codec, base, "
+                    "depth, first_step) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(bid, pack_ids[pk], off, ln, raw, cd, base, depth, step)
+                     for bid, (pk, off, ln, raw, cd, base, depth) in new_blocks.items()],
+                )
+                conn.execute(
+                    "INSERT INTO steps(step, created_at, metrics, tags, note, tree, "
+                    "logical_bytes, written_bytes, new_chunks, total_chunks, parent, manifest) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (step, created, metrics_json, json.dumps(tags_list), note, tree_json,
+                     logical, written, len(new_blocks), total, parent, manifest),
+                )
+                conn.executemany(
+                    "INSERT INTO entries(step, idx, path, kind, dtype, shape, nbytes, "
+                    "block_size, blocks) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(step, p.leaf.index, p.leaf.path, p.leaf.kind, p.leaf.dtype,
+                      json.dumps(list(p.leaf.shape)), p.data.nbytes,
+                      p.spans[0][1] if p.spans else 0, b"".join(p.ids)) for p in plans],
+                )
+                crash_point("save:before-commit")
+            crash_point("save:after-commit")
+            self._refresh_base_cache(plans, new_blocks)
+            return SaveResult(step, logical, written, len(new_blocks), total,
+                              time.perf_counter() - t0)
+
+    def _parent_of(self, step: int) -> int | None:
+        """The committed step whose blocks serve as delta bases for ``step``."""
+        row = self._index.query("SELECT MAX(step) FROM steps WHERE step < ?", (step,))
+        if row and row[0][0] is not None:
+            return row[0][0]
+        return self.latest()
+
+    def _refresh_base_cache(self, plans: list[_EntryPlan], new_blocks: dict) -> None:
+        """Keep the raw bytes the next save's deltas will be computed against.
+
+        Chain policy: every block of this step. Keyframe policy: the keyframe of
+        every position. Bounded by ``base_cache_bytes``; what does not fit is
+        decoded from the packs when needed.
+        """
+        if not self.config.delta.enabled or self._base_cache_limit <= 0:
+            self._base_cache = {}
+            return
+        old = self._base_cache
+        fresh: dict[bytes, np.ndarray] = {}
+        used = 0
+        keyframe_policy = self.config.delta.policy == "keyframe"
+        for p in plans:
+            for (a, b), bid in zip(p.spans, p.ids):
+                target = bid
+                if keyframe_policy:
+                    info = new_blocks.get(bid)
+                    if info is not None and info[5] is not None:
+                        target = info[5]  # the keyframe this block was encoded against
+                if target in fresh:
+                    continue
+                if used + (b - a) > self._base_cache_limit:
+                    self._base_cache = fresh
+                    return
+                if target in old:
+                    fresh[target] = old[target]
+                elif target == bid:
+                    fresh[target] = p.data[a:b].copy()
+                else:
+                    continue
+                used += b - a
+        self._base_cache = fresh
+
+    def _plan_entries(self, leaves: list[Leaf]) -> list[_EntryPlan]:
+        plans = []
+        for leaf in leaves:
+            info = dtype_info(leaf.kind, leaf.dtype)
+            data = leaf_bytes(leaf)
+            if data.nbytes != leaf.nbytes:
+                raise UnsupportedValueError(f"'{leaf.path}': byte view has {data.nbytes} bytes, "
+                                            f"expected {leaf.nbytes}")
+            spans = list(block_spans(data.nbytes, self.config.block_size, info.itemsize))
+            plans.append(_EntryPlan(leaf, data, info.group_width, spans))
+        return plans
+
+    def _hash_all(self, plans: list[_EntryPlan]) -> None:
+        hash_name = self.config.hash
+
+        def hash_slice(job: tuple[np.ndarray, list[tuple[int, int]]]) -> list[bytes]:
+            data, spans = job
+            return [block_id(data[a:b], hash_name) for a, b in spans]
+
+        jobs: list[tuple[int, tuple[np.ndarray, list[tuple[int, int]]]]] = []
+        for i, p in enumerate(plans):
+            start = 0
+            while start < len(p.spans):
+                end = start
+                size = 0
+                while end < len(p.spans) and (size < _HASH_SLICE or end == start):
+                    size += p.spans[end][1] - p.spans[end][0]
+                    end += 1
+                jobs.append((i, (p.data, p.spans[start:end])))
+                start = end
+        if len(jobs) <= 1 or self._threads == 1:
+            results = [hash_slice(j) for _, j in jobs]
+        else:
+            results = list(self._pool.map(hash_slice, [j for _, j in jobs]))
+        for (i, _), ids in zip(jobs, results):
+            plans[i].ids.extend(ids)
+
+    def _known_blocks(self, ids: Iterable[bytes]) -> set[bytes]:
+        found: set[bytes] = set()
+        ids = list(ids)
+        for batch in chunked(ids, 500):
+            marks = ",".join("?" * len(batch))
+            found.update(r[0] for r in self._index.query(
+                f"SELECT id FROM blocks WHERE id IN ({marks})", batch))
+        return found
+
+    def _write_new_blocks(self, plans: list[_EntryPlan], step: int, parent: int | None,
+                          writer: PackWriter) -> tuple[dict[bytes, tuple], int]:
+        all_ids = {bid for p in plans for bid in p.ids}
+        known = self._known_blocks(all_ids)
+        bases = self._delta_bases(plans, parent) if self.config.delta.enabled else {}
+        todo: list[tuple[bytes, np.ndarray, int, bytes | None]] = []
+        seen = set(known)
+        for p in plans:
+            for (a, b), bid in zip(p.spans, p.ids):
+                if bid in seen:
+                    continue
+                seen.add(bid)
+                todo.append((bid, p.data[a:b], p.width, bases.get((p.leaf.index, a))))
+        base_source = _BaseSource(self, [t[3] for t in todo if t[3] is not None])
+        cfg = self.config
+
+        def encode(job: tuple[bytes, np.ndarray, int, bytes | None]):
+            bid, raw, width, base_id = job
+            return _encode_block(bid, raw, width, cfg, base_id, base_source)
+
+        new_blocks: dict[bytes, tuple] = {}
+        written = 0
+        window: deque[tuple[bytes, int, Future]] = deque()
+        limit = 2 * self._threads + 2
+        n_done = 0
+
+        def drain_one() -> None:
+            nonlocal written, n_done
+            bid, raw_len, fut = window.popleft()
+            parts, codec_name, base_id, depth = fut.result()
+            pack, off, length = writer.add(parts)
+            written += length
+            new_blocks[bid] = (pack, off, length, raw_len, codec_name, base_id, depth)
+            n_done += 1
+            if n_done == 1:
+                crash_point("save:mid-write")
+
+        try:
+            for job in todo:
+                window.append((job[0], job[1].nbytes, self._pool.submit(encode, job)))
+                if len(window) >= limit:
+                    drain_one()
+            while window:
+                drain_one()
+        finally:
+            for _, _, fut in window:
+                fut.cancel()
+            base_source.clear()
+        return new_blocks, written
+
+    def _delta_bases(self, plans: list[_EntryPlan], parent: int | None) -> dict:
+        """(entry index, block start) -> parent block id at the same position."""
+        if parent is None:
+            return {}
+        rows = self._index.query(
+            "SELECT path, kind, dtype, shape, block_size, blocks FROM entries WHERE step=?",
+            (parent,))
+        by_path = {r[0]: r for r in rows}
+        out: dict[tuple[int, int], bytes] = {}
+        for p in plans:
+            r = by_path.get(p.leaf.path)
+            if r is None or not p.spans:
+                continue
+            _, kind, dtype, shape, bsize, blob = r
+            if (kind, dtype) != (p.leaf.kind, p.leaf.dtype) or \
+                    tuple(json.loads(shape)) != p.leaf.shape or bsize != p.spans[0][1]:
+                continue
+            parent_ids = unpack_ids(blob)
+            for (a, _b), bid, pid in zip(p.spans, p.ids, parent_ids):
+                if bid != pid:
+                    out[(p.leaf.index, a)] = pid
+        return out
+
+    # -- load -----------------------------------------------------------------
+    def load(
+        self,
+        step: int | None = None,
+        map_location: Any = None,
+        select: Sequence[str] | str | None = None,
+    ) -> Any:
+        """Rebuild the state saved as ``step`` (default: the latest), bit for bit.
+
+        ``map_location`` works like ``torch.load``'s (a device, a string, a dict
+        mapping saved to target devices, or a callable ``f(tensor, saved_device)``);
+        by default tensors go back to the device they were saved from.
+        ``select`` restores only the named subtrees (paths joined by '/') and
+        reads only their blocks.
+        """
+        self._check_open()
+        if isinstance(select, str):
+            select = [select]
+        for attempt in range(3):
+            try:
+                return self._load_once(step, map_location, select)
+            except (FileNotFoundError, CorruptionError):
+                # a concurrent gc may have rewritten a pack we planned to read:
+                # re-plan from the index; the step may be gone, or still damaged
+                if step is not None and step not in self:
+                    raise self._not_found(step) from None
+                if attempt == 2:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    def _load_once(self, step: int | None, map_location: Any, select: Sequence[str] | None):
+        with self._index.read() as conn:
+            if step is None:
+                row = conn.execute("SELECT MAX(step) FROM steps").fetchone()
+                if row[0] is None:
+                    raise StepNotFoundError(f"{self.location}: the store has no steps")
+                step = int(row[0])
+            step = self._step_arg(step)
+            row = conn.execute("SELECT tree FROM steps WHERE step=?", (step,)).fetchone()
+            if row is None:
+                raise self._not_found(step)
+            tree = json.loads(row[0])
+            if select:
+                try:
+                    tree = select_tree(tree, list(select))
+                except KeyError as exc:
+                    raise PathNotFoundError(f"{self.location}: step {step} has no path "
+                                            f"{exc.args[0]}") from None
+            wanted = entry_indices(tree)
+            rows = conn.execute(
+                "SELECT idx, path, kind, dtype, shape, nbytes, block_size, blocks "
+                "FROM entries WHERE step=?", (step,)).fetchall()
+            by_idx = {r[0]: r for r in rows}
+            missing = [i for i in wanted if i not in by_idx]
+            if missing:
+                raise CorruptionError(f"{self.location}: step {step}: index lacks entries "
+                                      f"{missing[:5]} referenced by its tree")
+            needed_ids = set()
+            for i in wanted:
+                needed_ids.update(unpack_ids(by_idx[i][7]))
+            locations = self._locate(conn, needed_ids)
+        outputs: dict[int, Any] = {}
+        tasks: list[tuple[bytes, np.ndarray, str]] = []
+        devices: dict[int, str] = {}
+        attrs_of = _entry_attrs(tree)
+        for i in wanted:
+            _, path, kind, dtype, shape_s, nbytes, bsize, blob = by_idx[i]
+            shape = tuple(json.loads(shape_s))
+            out = empty_output(kind, dtype, shape)
+            view = output_bytes(out)
+            if view.nbytes != nbytes:
+                raise CorruptionError(f"{self.location}: step {step}, entry '{path}': "
+                                      f"{nbytes} bytes recorded, shape/dtype give {view.nbytes}")
+            ids = unpack_ids(blob)
+            pos = 0
+            for bid in ids:
+                loc = locations.get(bid)
+                if loc is None:
+                    raise CorruptionError(f"{self.location}: step {step}, entry '{path}': "
+                                          f"block {bid.hex()[:12]} missing from the index")
+                tasks.append((bid, view[pos:pos + loc.raw_len], f"step {step}, entry '{path}'"))
+                pos += loc.raw_len
+            if pos != nbytes:
+                raise CorruptionError(f"{self.location}: step {step}, entry '{path}': blocks "
+                                      f"hold {pos} bytes, entry has {nbytes}")
+            outputs[i] = out
+            devices[i] = attrs_of.get(i, {}).get("device", "cpu")
+        self._decode_blocks(tasks, locations)
+        values = {}
+        for i, out in outputs.items():
+            kind = by_idx[i][2]
+            value = finish_output(kind, out, attrs_of.get(i, {}))
+            values[i] = move(value, map_location, devices[i])
+        return unflatten(tree, values)
+
+    def _locate(self, conn, ids: Iterable[bytes]) -> dict[bytes, _Location]:
+        """Locations of blocks and, transitively, of their delta bases."""
+        out: dict[bytes, _Location] = {}
+        todo = list(set(ids))
+        while todo:
+            nxt = set()
+            for batch in chunked(todo, 500):
+                marks = ",".join("?" * len(batch))
+                for bid, pack, off, ln, raw, base, depth in conn.execute(
+                        "SELECT b.id, p.name, b.offset, b.length, b.raw_len, b.base, b.depth "
+                        f"FROM blocks b JOIN packs p ON p.id = b.pack_id WHERE b.id IN ({marks})",
+                        batch):
+                    out[bid] = _Location(pack, off, ln, raw, base, depth)
+                    if base is not None and base not in out:
+                        nxt.add(base)
+            todo = [b for b in nxt if b not in out]
+            if any(b not in out for b in todo) and not todo:
+                break
+        return out
+
+    def _decode_blocks(self, tasks: list[tuple[bytes, np.ndarray, str]],
+                       locations: dict[bytes, _Location]) -> None:
+        decoder = _Decoder(self, locations, [t[0] for t in tasks])
+        if len(tasks) <= 1 or self._threads == 1:
+            for t in tasks:
+                decoder.decode_to(*t)
+            return
+        # hand out work in order of pack offset: sequential reads, warm caches
+        order = sorted(tasks, key=lambda t: (locations[t[0]].pack, locations[t[0]].offset))
+        futures = [self._pool.submit(decoder.decode_to, *t) for t in order]
+        error = None
+        for f in futures:
+            try:
+                f.result()
+            except BaseException as exc:  # keep draining: no worker may outlive the load
+                error = error or exc
+        if error is not None:
+            raise error
+
+    def read_frame(self, bid: bytes, loc: _Location, where: str) -> bytes:
+        try:
+            return self.backend.read(loc.pack, loc.offset, loc.length)
+        except FileNotFoundError:
+            raise
+        except CorruptionError as exc:
+            raise CorruptionError(f"{self.location}: {where}, block {bid.hex()[:12]}: "
+                                  f"{exc}") from None
+
+    # -- verify ---------------------------------------------------------------
+    def verify(self, step: int | None = None) -> VerifyResult:
+        """Re-read and re-hash every block of ``step`` (default: all steps).
+
+        Each block is decoded once, through its whole delta chain; problems name
+        the step, entry and short block id. Never raises for damage it finds.
+        """
+        self._check_open()
+        result = VerifyResult()
+        with self._index.read() as conn:
+            if step is not None:
+                step = self._step_arg(step)
+                rows = conn.execute("SELECT step, manifest FROM steps WHERE step=?",
+                                    (step,)).fetchall()
+                if not rows:
+                    raise self._not_found(step)
+            else:
+                rows = conn.execute("SELECT step, manifest FROM steps ORDER BY step").fetchall()
+            users: dict[bytes, list[tuple[int, str]]] = {}
+            for s, _ in rows:
+                for path, blob, _nbytes in conn.execute(
+                        "SELECT path, blocks, nbytes FROM entries WHERE step=? ORDER BY idx", (s,)):
+                    try:
+                        ids = unpack_ids(blob)
+                    except ValueError:
+                        result.problems.append(f"step {s}, entry '{path}': malformed block list")
+                        continue
+                    for bid in ids:
+                        users.setdefault(bid, []).append((s, path))
+            locations = self._locate(conn, users.keys())
+        damaged: set[int] = set()
+        result.steps_checked = len(rows)
+        for s, manifest in rows:
+            try:
+                payload = decode_manifest(self.backend.read(manifest), manifest)
+                if payload.get("step") != s:
+                    raise CorruptionError(f"{manifest}: names step {payload.get('step')}")
+            except (FileNotFoundError, CorruptionError, FormatVersionError) as exc:
+                result.problems.append(f"step {s}: manifest {manifest}: {exc}")
+                damaged.add(s)
+        for bid, who in users.items():
+            if bid not in locations:
+                for s, path in who:
+                    result.problems.append(f"step {s}, entry '{path}': block "
+                                           f"{bid.hex()[:12]} missing from the index")
+                    damaged.add(s)
+        checkable = [b for b in users if b in locations]
+        decoder = _Decoder(self, locations, checkable)
+
+        def check(bid: bytes) -> str | None:
+            loc = locations[bid]
+            scratch = np.empty(loc.raw_len, dtype=np.uint8)
+            try:
+                decoder.decode_to(bid, scratch, "verify")
+            except (CorruptionError, FileNotFoundError, DeltackptError) as exc:
+                return str(exc)
+            return None
+
+        for bid, err in zip(checkable, self._pool.map(check, checkable)):
+            result.blocks_checked += 1
+            result.bytes_checked += locations[bid].raw_len
+            if err is not None:
+                for s, path in users[bid]:
+                    result.problems.append(f"step {s}, entry '{path}': block "
+                                           f"{bid.hex()[:12]}: {err}")
+                    damaged.add(s)
+        result.damaged_steps = sorted(damaged)
+        return result
+
+    # -- delete / gc ----------------------------------------------------------
+    def delete(self, step: int) -> None:
+        """Remove a step from the index (and its manifest). Space returns at :meth:`gc`.
+
+        Never breaks another step: blocks it shares, and delta bases of live
+        blocks, stay until no live step needs them.
+        """
+        self._check_open()
+        step = self._step_arg(step)
+        with self._mutex:
+            self._become_writer()
+            with self._index.write() as conn:
+                row = conn.execute("SELECT manifest FROM steps WHERE step=?", (step,)).fetchone()
+                if row is None:
+                    raise self._not_found(step)
+                conn.execute("DELETE FROM entries WHERE step=?", (step,))
+                conn.execute("DELETE FROM steps WHERE step=?", (step,))
+                crash_point("delete:before-commit")
+            crash_point("delete:after-commit")
+            self.backend.delete(row[0])
+            self.backend.sync()
+
+    def live_blocks(self) -> set[bytes]:
+        """Ids of every block a committed step needs, delta bases included."""
+        live: set[bytes] = set()
+        with self._index.read() as conn:
+            for (blob,) in conn.execute("SELECT blocks FROM entries"):
+                live.update(unpack_ids(blob))
+            frontier = list(live)
+            while frontier:
+                nxt = []
+                for batch in chunked(frontier, 500):
+                    marks = ",".join("?" * len(batch))
+                    for (base,) in conn.execute(
+                            f"SELECT base FROM blocks WHERE id IN ({marks}) AND base IS NOT NULL",
+                            batch):
+                        if base not in live:
+                            live.add(base)
+                            nxt.append(base)
+                frontier = nxt
+        return live
+
+    def gc(self, repack_threshold: float = 0.5) -> GcResult:
+        """Reclaim the space of deleted steps and of crashed saves.
+
+        Removes blocks no live step needs, deletes packs with no live block,
+        rewrites packs whose live fraction is below ``repack_threshold`` (new pack
+        first, index switch in one transaction, old pack last), and deletes
+        leftover objects (unreferenced packs and manifests, ``*.partial``).
+        """
+        self._check_open()
+        with self._mutex:
+            self._become_writer()
+            live = self.live_blocks()
+            rows = self._index.query(
+                "SELECT b.id, b.pack_id, b.length, p.name, p.size FROM blocks b "
+                "JOIN packs p ON p.id = b.pack_id")
+            packs: dict[int, dict] = {}
+            dead: list[bytes] = []
+            for bid, pid, length, name, size in rows:
+                pk = packs.setdefault(pid, {"name": name, "size": size, "live": 0, "blocks": []})
+                if bid in live:
+                    pk["live"] += length
+                    pk["blocks"].append(bid)
+                else:
+                    dead.append(bid)
+            for pid, name, size in self._index.query("SELECT id, name, size FROM packs"):
+                packs.setdefault(pid, {"name": name, "size": size, "live": 0, "blocks": []})
+            crash_point("gc:after-scan")
+            freed = 0
+            empty = [pid for pid, pk in packs.items() if pk["live"] == 0]
+            sparse = [pid for pid, pk in packs.items()
+                      if pk["live"] and pk["live"] < repack_threshold * pk["size"]]
+            rewritten = self._repack(sparse, packs) if sparse else []
+            with self._index.write() as conn:
+                for batch in chunked(dead, 500):
+                    marks = ",".join("?" * len(batch))
+                    conn.execute(f"DELETE FROM blocks WHERE id IN ({marks})", batch)
+                for pid in empty:
+                    conn.execute("DELETE FROM packs WHERE id=?", (pid,))
+            doomed = [packs[pid]["name"] for pid in empty] + rewritten
+            for i, name in enumerate(doomed):
+                freed += packs_size(self.backend, name)
+                self.backend.delete(name)
+                if i == 0:
+                    crash_point("gc:mid-delete")
+            # leftovers: objects the index does not reference
+            known_packs = {r[0] for r in self._index.query("SELECT name FROM packs")}
+            known_manifests = {r[0] for r in self._index.query("SELECT manifest FROM steps")}
+            leftovers = 0
+            for name in self.backend.list(PACK_PREFIX) + self.backend.list(MANIFEST_PREFIX):
+                base = name[:-len(PARTIAL_SUFFIX)] if name.endswith(PARTIAL_SUFFIX) else None
+                if base is None and (name in known_packs or name in known_manifests):
+                    continue
+                freed += packs_size(self.backend, name)
+                self.backend.delete(name)
+                leftovers += 1
+            self.backend.sync()
+            crash_point("gc:after-delete")
+            return GcResult(freed, len(dead), len(empty) + len(rewritten), len(rewritten),
+                            leftovers)
+
+    def _repack(self, pids: list[int], packs: dict[int, dict]) -> list[str]:
+        """Copy the live frames of sparse packs into new packs; returns the old names."""
+        moves: list[tuple[bytes, str, int, int]] = []
+        writer = PackWriter(self.backend, self._pack_size)
+        try:
+            for pid in pids:
+                name = packs[pid]["name"]
+                locs = self._index.query(
+                    "SELECT id, offset, length FROM blocks WHERE pack_id=? ORDER BY offset",
+                    (pid,))
+                live = set(packs[pid]["blocks"])
+                for bid, off, ln in locs:
+                    if bid not in live:
+                        continue
+                    frame = self.backend.read(name, off, ln)
+                    info = codec_mod.parse_header(frame, f"{name}@{off}")
+                    if info.block_id != bid:
+                        raise CorruptionError(f"{self.location}: {name}@{off}: frame holds block "
+                                              f"{info.block_id.hex()[:12]}, index says "
+                                              f"{bid.hex()[:12]}; run verify")
+                    pack, new_off, new_len = writer.add([frame])
+                    moves.append((bid, pack, new_off, new_len))
+            new_packs = writer.finish()
+            self.backend.sync()
+        except BaseException:
+            writer.abort()
+            raise
+        crash_point("gc:after-repack-write")
+        now = time.time()
+        with self._index.write() as conn:
+            ids = {}
+            for name, size in new_packs:
+                ids[name] = conn.execute("INSERT INTO packs(name, size, created_at) "
+                                         "VALUES (?, ?, ?)", (name, size, now)).lastrowid
+            conn.executemany("UPDATE blocks SET pack_id=?, offset=?, length=? WHERE id=?",
+                             [(ids[p], o, ln, bid) for bid, p, o, ln in moves])
+            for pid in pids:
+                conn.execute("DELETE FROM packs WHERE id=?", (pid,))
+        crash_point("gc:after-repack-commit")
+        return [packs[pid]["name"] for pid in pids]
+
+    # -- sizes ------------------------------------------------------------------
+    def stored_bytes(self) -> int:
+        """Bytes of all packs the index references."""
+        row = self._index.query("SELECT COALESCE(SUM(size), 0) FROM packs")
+        return int(row[0][0])
+
+
+class PathNotFoundError(DeltackptError, KeyError):
+    """A ``select`` path names nothing in the step."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "path not found"
+
+
+def packs_size(backend: Backend, name: str) -> int:
+    try:
+        return backend.size(name)
+    except FileNotFoundError:
+        return 0
+
+
+class _BaseSource:
+    """Raw bytes and chain facts of delta base blocks during a save, each decoded once."""
+
+    def __init__(self, store: Store, base_ids: list[bytes]) -> None:
+        self._store = store
+        self._needed = base_ids
+        self._decoder: _Decoder | None = None
+        self._lock = threading.Lock()
+
+    def _get_decoder(self) -> _Decoder:
+        with self._lock:
+            if self._decoder is None:
+                with self._store._index.read() as conn:
+                    locations = self._store._locate(conn, set(self._needed))
+                self._decoder = _Decoder(self._store, locations, [], keep_bases=True)
+            return self._decoder
+
+    def location(self, bid: bytes) -> _Location | None:
+        return self._get_decoder().locations.get(bid)
+
+    def root(self, bid: bytes) -> bytes:
+        """The keyframe at the end of ``bid``'s delta chain."""
+        locs = self._get_decoder().locations
+        seen = 0
+        while True:
+            loc = locs.get(bid)
+            if loc is None or loc.base is None or seen > 10_000:
+                return bid
+            bid = loc.base
+            seen += 1
+
+    def get(self, bid: bytes) -> np.ndarray:
+        cached = self._store._base_cache.get(bid)
+        if cached is not None:
+            return cached
+        return self._get_decoder().base(bid)
+
+    def clear(self) -> None:
+        self._decoder = None
+
+
+def _encode_block(bid: bytes, raw: np.ndarray, width: int, cfg: StoreConfig,
+                  parent_id: bytes | None, bases: _BaseSource):
+    """Encode one new block: standalone, or as a delta when that is smaller."""
+    parts = codec_mod.encode(raw, bid, width, cfg.codec)
+    standalone = (parts, _codec_name(parts), None, 0)
+    if parent_id is None:
+        return standalone
+    parent = bases.location(parent_id)
+    if parent is None:
+        return standalone
+    plan = cfg.delta.plan(parent_id, parent.depth, bases.root)
+    if plan is None:
+        return standalone
+    base_id, depth = plan
+    try:
+        base_raw = bases.get(base_id)
+    except (CorruptionError, FileNotFoundError):
+        return standalone  # a damaged base must not poison new saves
+    if base_raw.nbytes != raw.nbytes:
+        return standalone
+    dparts = codec_mod.encode(raw, bid, width, cfg.codec, base=base_raw, base_id=base_id,
+                              delta=cfg.delta.mode)
+    if codec_mod.frame_length(dparts) < codec_mod.frame_length(parts):
+        return dparts, _codec_name(dparts), base_id, depth
+    return standalone
+
+
+def _codec_name(parts: list) -> str:
+    return codec_mod.parse_header(parts[0]).codec
+
+
+class _Decoder:
+    """Decodes blocks (through their delta chains) with each base decoded once.
+
+    Bases are reference-counted over the blocks this decoder was built for and
+    dropped when their last user is done, so a load holds at most the bases
+    that pending blocks still need.
+    """
+
+    def __init__(self, store: Store, locations: dict[bytes, _Location], block_ids: list[bytes],
+                 keep_bases: bool = False) -> None:
+        self.store = store
+        self.locations = locations
+        self._lock = threading.Lock()
+        self._cache: dict[bytes, Future] = {}
+        self._refs: dict[bytes, int] = {}
+        self._keep = keep_bases or not block_ids
+        for bid in block_ids:
+            loc = locations.get(bid)
+            seen = 0
+            while loc is not None and loc.base is not None and seen < 10_000:
+                self._refs[loc.base] = self._refs.get(loc.base, 0) + 1
+                loc = locations.get(loc.base)
+                seen += 1
+
+    def _frame(self, bid: bytes, where: str) -> tuple[bytes, FrameInfo, _Location]:
+        loc = self.locations.get(bid)
+        if loc is None:
+            raise CorruptionError(f"{self.store.location}: {where}: block {bid.hex()[:12]} "
+                                  "missing from the index")
+        frame = self.store.read_frame(bid, loc, where)
+        label = f"{self.store.location}: {where}, block {bid.hex()[:12]} ({loc.pack}@{loc.offset})"
+        info = codec_mod.parse_header(frame, label, max_raw=loc.raw_len)
+        if info.block_id != bid:
+            raise CorruptionError(f"{label}: frame holds block {info.block_id.hex()[:12]}")
+        if (info.base_id or None) != loc.base:
+            raise CorruptionError(f"{label}: frame's delta base differs from the index")
+        return frame, info, loc
+
+    def decode_to(self, bid: bytes, out: np.ndarray, where: str) -> None:
+        frame, info, loc = self._frame(bid, where)
+        base = None
+        if info.base_id is not None:
+            base = self.base(info.base_id, where)
+        label = f"{self.store.location}: {where}, block {bid.hex()[:12]}"
+        try:
+            codec_mod.decode_into(frame, out, info, base, label, self.store.config.hash)
+        finally:
+            if info.base_id is not None:
+                self._release(info.base_id)
+
+    def base(self, bid: bytes, where: str = "delta base") -> np.ndarray:
+        with self._lock:
+            fut = self._cache.get(bid)
+            owner = fut is None
+            if owner:
+                fut = self._cache[bid] = Future()
+        assert fut is not None
+        if owner:
+            try:
+                loc = self.locations.get(bid)
+                if loc is None:
+                    raise CorruptionError(f"{self.store.location}: {where}: delta base "
+                                          f"{bid.hex()[:12]} missing from the index")
+                buf = np.empty(loc.raw_len, dtype=np.uint8)
+                self.decode_to(bid, buf, f"{where} (delta base)")
+                fut.set_result(buf)
+            except BaseException as exc:
+                fut.set_exception(exc)
+        return fut.result()
+
+    def _release(self, bid: bytes) -> None:
+        if self._keep:
+            return
+        with self._lock:
+            n = self._refs.get(bid, 0) - 1
+            if n <= 0:
+                self._refs.pop(bid, None)
+                self._cache.pop(bid, None)
+            else:
+                self._refs[bid] = n
+
+
+def _entry_manifest(p: _EntryPlan) -> dict:
+    return {
+        "idx": p.leaf.index,
+        "path": p.leaf.path,
+        "kind": p.leaf.kind,
+        "dtype": p.leaf.dtype,
+        "shape": list(p.leaf.shape),
+        "nbytes": p.data.nbytes,
+        "block_size": p.spans[0][1] if p.spans else 0,
+        "blocks": b"".join(p.ids).hex(),
+    }
+
+
+def _entry_attrs(tree: Any) -> dict[int, dict]:
+    out: dict[int, dict] = {}
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list) and node and isinstance(node[0], str):
+            tag = node[0]
+            if tag == "E":
+                out[int(node[1])] = node[2] if len(node) > 2 and isinstance(node[2], dict) else {}
+            elif tag in ("L", "T"):
+                stack.extend(node[1])
+            elif tag in ("D", "O"):
+                stack.extend(v for _, v in node[1])
+    return out
+
+
+def _step_info(row: tuple) -> StepInfo:
+    (step, created, metrics, tags, note, logical, written, new, total, parent, n) = row
+    return StepInfo(step, created, json.loads(metrics), json.loads(tags), note, logical,
+                    written, new, total, parent, n)
+
+
+def _metrics_json(metrics: dict[str, Any] | None) -> str:
+    if metrics is None:
+        return "{}"
+    if not isinstance(metrics, dict):
+        raise TypeError("metrics must be a dict of str to numbers/strings")
+    clean: dict[str, Any] = {}
+    for k, v in metrics.items():
+        if not isinstance(k, str):
+            raise TypeError(f"metric names must be str, got {k!r}")
+        if hasattr(v, "item") and callable(v.item):  # 0-d tensor / numpy scalar
+            v = v.item()
+        if isinstance(v, bool) or v is None or isinstance(v, (int, float, str)):
+            clean[k] = v
+        else:
+            raise TypeError(f"metric {k!r} must be a number, str, bool or None, "
+                            f"not {type(v).__name__}")
+    return json.dumps(clean, allow_nan=True)
+
+
+def _tags_list(tags: Sequence[str] | None) -> list[str]:
+    if tags is None:
+        return []
+    if isinstance(tags, str):
+        tags = [tags]
+    out = []
+    for t in tags:
+        if not isinstance(t, str):
+            raise TypeError(f"tags must be str, got {t!r}")
+        out.append(t)
+    return out
+
+
+def _short_list(values: list[int], limit: int = 8) -> str:
+    if len(values) <= limit:
+        return ", ".join(map(str, values))
+    head = ", ".join(map(str, values[: limit // 2]))
+    tail = ", ".join(map(str, values[-limit // 2:]))
+    return f"{head}, ..., {tail} ({len(values)} steps)"
+
+
+def open_store(
+    path: str | os.PathLike | Backend,
+    *,
+    block_size: int | None = None,
+    hash: str | None = None,
+    level: int | None = None,
+    delta: str | DeltaConfig | None = None,
+    fsync: bool = True,
+    threads: int | None = None,
+    lock_timeout: float = 0.0,
+    create: bool = True,
+    base_cache_bytes: int = 1 << 30,
+) -> Store:
+    """Open (creating if missing) the store at ``path``; see :func:`deltackpt.open`."""
+    if isinstance(path, (MemoryBackend,)) or (not isinstance(path, (str, os.PathLike))
+                                              and isinstance(path, Backend)):
+        backend = path
+        cfg = _new_config(block_size, hash, level, delta)
+        return Store(backend, ":memory:", cfg, None, threads, location="<memory>",
+                     base_cache_bytes=base_cache_bytes)
+    root = os.path.abspath(os.fspath(path))
+    if isinstance(path, str) and path.startswith("memory://"):
+        cfg = _new_config(block_size, hash, level, delta)
+        return Store(MemoryBackend(), ":memory:", cfg, None, threads, location=path,
+                     base_cache_bytes=base_cache_bytes)
+    config_path = os.path.join(root, CONFIG_NAME)
+    if os.path.exists(config_path):
+        with open(config_path, encoding="utf-8") as f:
+            try:
+                data = json.load(f)
+            except ValueError as exc:
+                raise InvalidStoreError(f"{root}: unreadable {CONFIG_NAME}: {exc}") from None
+        if not isinstance(data, dict):
+            raise InvalidStoreError(f"{root}: {CONFIG_NAME} is not a JSON object")
+        cfg = StoreConfig.from_json(data, root)
+        if block_size is not None and block_size != cfg.block_size:
+            raise InvalidStoreError(f"{root}: store was created with block_size "
+                                    f"{cfg.block_size}; it cannot change to {block_size}")
+        if hash is not None and hash != cfg.hash:
+            raise InvalidStoreError(f"{root}: store was created with hash {cfg.hash}; "
+                                    f"it cannot change to {hash}")
+        if level is not None:
+            cfg.codec = CodecConfig(level=level, bytegroup=cfg.codec.bytegroup)
+        if delta is not None:
+            cfg.delta = DeltaConfig.parse(delta)
+    else:
+        if not create:
+            raise InvalidStoreError(f"{root}: no deltackpt store here")
+        if os.path.isdir(root) and os.listdir(root):
+            raise InvalidStoreError(f"{root}: directory exists, is not empty and holds no "
+                                    f"{CONFIG_NAME}; refusing to create a store in it")
+        os.makedirs(root, exist_ok=True)
+        cfg = _new_config(block_size, hash, level, delta)
+        backend = LocalBackend(root, durable=fsync)
+        backend.put(CONFIG_NAME, json.dumps(cfg.to_json(), indent=2).encode() + b"\n")
+        backend.sync()
+        backend.close()
+    backend = LocalBackend(root, durable=fsync)
+    return Store(backend, os.path.join(root, INDEX_NAME), cfg,
+                 lock_path=os.path.join(root, LOCK_NAME), threads=threads,
+                 lock_timeout=lock_timeout, location=root, base_cache_bytes=base_cache_bytes)
+
+
+def _new_config(block_size, hash, level, delta) -> StoreConfig:
+    cfg = StoreConfig(
+        block_size=block_size or DEFAULT_BLOCK_SIZE,
+        hash=hash or "xxh3_128",
+        codec=CodecConfig(level=1 if level is None else level),
+        delta=DeltaConfig.parse(delta) if delta is not None else DeltaConfig(),
+    )
+    cfg.validate()
+    return cfg

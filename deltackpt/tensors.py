@@ -1,0 +1,93 @@
+"""Where tensors meet bytes: zero-copy byte views of leaves, and empty outputs to fill.
+
+Saving reads a leaf through a ``uint8`` numpy view of its memory (no copy for a
+contiguous CPU tensor or array). A non-contiguous view, a conjugated/negated
+view or a tensor on an accelerator is first copied into a contiguous CPU buffer;
+stored bytes are always the contiguous, row-major element bytes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from .dtypes import numpy_dtype, torch_dtype
+from .flatten import Leaf
+
+
+def leaf_bytes(leaf: Leaf) -> np.ndarray:
+    """A flat ``uint8`` array over the leaf's element bytes (a view when possible)."""
+    value = leaf.value
+    if leaf.kind == "bytes":
+        return np.frombuffer(value, dtype=np.uint8)
+    if leaf.kind == "ndarray":
+        arr = np.ascontiguousarray(value)
+        return arr.reshape(-1).view(np.uint8)
+    t: torch.Tensor = value.detach()
+    if t.device.type != "cpu":
+        t = t.to("cpu")
+    if t.is_conj():
+        t = t.resolve_conj()
+    if t.is_neg():
+        t = t.resolve_neg()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    if t.numel() == 0:
+        return np.empty(0, dtype=np.uint8)
+    return t.reshape(-1).view(torch.uint8).numpy()
+
+
+def empty_output(kind: str, dtype: str, shape: tuple[int, ...], pin_memory: bool = False) -> Any:
+    """An uninitialised CPU value of the entry's type to decode into."""
+    if kind in ("tensor", "parameter"):
+        return torch.empty(shape, dtype=torch_dtype(dtype), pin_memory=pin_memory)
+    if kind == "ndarray":
+        return np.empty(shape, dtype=numpy_dtype(dtype))
+    if kind == "bytes":
+        return bytearray(shape[0])
+    raise ValueError(f"unknown entry kind {kind!r}")
+
+
+def output_bytes(value: Any) -> np.ndarray:
+    """The writable flat ``uint8`` view of a value made by :func:`empty_output`."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() == 0:
+            return np.empty(0, dtype=np.uint8)
+        return value.reshape(-1).view(torch.uint8).numpy()
+    if isinstance(value, np.ndarray):
+        return value.reshape(-1).view(np.uint8)
+    return np.frombuffer(value, dtype=np.uint8)
+
+
+def finish_output(kind: str, value: Any, attrs: dict[str, Any]) -> Any:
+    """Turn a filled output into the leaf type the tree asks for."""
+    if kind == "bytes":
+        return bytes(value)
+    if kind == "parameter":
+        return torch.nn.Parameter(value, requires_grad=bool(attrs.get("requires_grad", True)))
+    return value
+
+
+def move(value: Any, map_location: Any, saved_device: str) -> Any:
+    """Place a restored CPU tensor like ``torch.load(map_location=...)`` would."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    target: Any
+    if map_location is None:
+        target = saved_device
+    elif callable(map_location):
+        moved = map_location(value, saved_device)
+        return value if moved is None else moved
+    elif isinstance(map_location, dict):
+        target = map_location.get(saved_device, saved_device)
+    else:
+        target = map_location
+    target = torch.device(target)
+    if target.type == "cpu":
+        return value
+    if isinstance(value, torch.nn.Parameter):
+        return torch.nn.Parameter(value.data.to(target, non_blocking=True),
+                                  requires_grad=value.requires_grad)
+    return value.to(target, non_blocking=True)
