@@ -763,6 +763,75 @@ class Store:
             self.backend.delete(row[0])
             self.backend.sync()
 
+    def thin(self, step: int, keep: Sequence[str] | str) -> int:
+        """Keep only the subtrees ``keep`` of ``step`` (e.g. ``["model"]``); drop the rest.
+
+        The step stays loadable (with just those subtrees); the space of what was
+        dropped returns at :meth:`gc`. Returns the number of entries removed.
+        """
+        self._check_open()
+        step = self._step_arg(step)
+        keep = [keep] if isinstance(keep, str) else list(keep)
+        with self._mutex:
+            self._become_writer()
+            with self._index.read() as conn:
+                row = conn.execute("SELECT tree, metrics, tags, note, created_at, parent, "
+                                   "manifest FROM steps WHERE step=?", (step,)).fetchone()
+                if row is None:
+                    raise self._not_found(step)
+                tree_json, metrics, tags, note, created, parent, manifest = row
+                try:
+                    tree = select_tree(json.loads(tree_json), keep)
+                except KeyError as exc:
+                    raise PathNotFoundError(f"{self.location}: step {step} has no path "
+                                            f"{exc.args[0]}") from None
+                kept = set(entry_indices(tree))
+                rows = conn.execute(
+                    "SELECT idx, path, kind, dtype, shape, nbytes, block_size, blocks "
+                    "FROM entries WHERE step=? ORDER BY idx", (step,)).fetchall()
+            gone = [r[0] for r in rows if r[0] not in kept]
+            if not gone:
+                return 0
+            payload = {
+                "manifest_version": MANIFEST_VERSION, "step": step, "created_at": created,
+                "metrics": json.loads(metrics), "tags": json.loads(tags), "note": note,
+                "parent": parent, "tree": tree,
+                "entries": [{"idx": i, "path": p, "kind": k, "dtype": d, "shape": json.loads(s),
+                             "nbytes": n, "block_size": bs, "blocks": bl.hex()}
+                            for i, p, k, d, s, n, bs, bl in rows if i in kept],
+            }
+            # the manifest first: a crash between the two leaves a thinned manifest for a
+            # full index row, which only ever loses what the caller asked to drop
+            self.backend.put(manifest, encode_manifest(payload))
+            self.backend.sync()
+            with self._index.write() as conn:
+                for batch in chunked(gone, 500):
+                    marks = ",".join("?" * len(batch))
+                    conn.execute(f"DELETE FROM entries WHERE step=? AND idx IN ({marks})",
+                                 [step, *batch])
+                conn.execute(
+                    "UPDATE steps SET tree=?, logical_bytes=(SELECT COALESCE(SUM(nbytes), 0) "
+                    "FROM entries WHERE step=?) WHERE step=?",
+                    (json.dumps(tree, separators=(",", ":")), step, step))
+            return len(gone)
+
+    def best(self, metric: str, mode: str = "min") -> int | None:
+        """The step with the best value of ``metric`` (``"min"`` or ``"max"``).
+
+        Steps without the metric, or with a NaN/non-numeric value, never win; ties
+        go to the latest step. None when no step has the metric.
+        """
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', not {mode!r}")
+        best_step, best_value = None, None
+        for info in self.log():
+            v = info.metrics.get(metric)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+                continue
+            if best_value is None or (v <= best_value if mode == "min" else v >= best_value):
+                best_step, best_value = info.step, v
+        return best_step
+
     def live_blocks(self) -> set[bytes]:
         """Ids of every block a committed step needs, delta bases included."""
         live: set[bytes] = set()
