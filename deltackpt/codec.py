@@ -81,7 +81,14 @@ class FrameInfo:
 
 @dataclass(frozen=True)
 class CodecConfig:
-    """How new blocks are encoded (decoding needs none of it: frames describe themselves)."""
+    """How new blocks are encoded (decoding needs none of it: frames describe themselves).
+
+    ``level`` 1 (the default) uses zstd parameters tuned for byte-grouped float
+    streams: the fast strategy with the longest minimum match and a tiny hash
+    table, so zstd spends its time on entropy coding, which is where these
+    streams compress (docs/benchmarks.md: faster than level 1 and smaller).
+    Other levels are zstd's own.
+    """
 
     level: int = 1
     bytegroup: bool = True
@@ -104,8 +111,15 @@ def _compressor(level: int) -> zstandard.ZstdCompressor:
     c = cache.get(level)
     if c is None:
         # content size in every frame lets the decoder check it before allocating
-        c = cache[level] = zstandard.ZstdCompressor(level=level, write_content_size=True,
-                                                     write_checksum=False)
+        if level == 1:
+            params = zstandard.ZstdCompressionParameters(
+                strategy=zstandard.STRATEGY_FAST, min_match=7, search_log=1, hash_log=8,
+                window_log=17, write_content_size=True, write_checksum=False)
+            c = zstandard.ZstdCompressor(compression_params=params)
+        else:
+            c = zstandard.ZstdCompressor(level=level, write_content_size=True,
+                                         write_checksum=False)
+        cache[level] = c
     return c
 
 

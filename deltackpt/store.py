@@ -384,10 +384,8 @@ class Store:
         if not self.config.delta.enabled or self._base_cache_limit <= 0:
             self._base_cache = {}
             return
-        old = self._base_cache
-        fresh: dict[bytes, np.ndarray] = {}
-        used = 0
         keyframe_policy = self.config.delta.policy == "keyframe"
+        targets: list[tuple[bytes, bytes, _EntryPlan, int, int]] = []
         for p in plans:
             for (a, b), bid in zip(p.spans, p.ids):
                 target = bid
@@ -395,18 +393,35 @@ class Store:
                     info = new_blocks.get(bid)
                     if info is not None and info[5] is not None:
                         target = info[5]  # the keyframe this block was encoded against
-                if target in fresh:
-                    continue
-                if used + (b - a) > self._base_cache_limit:
-                    self._base_cache = fresh
-                    return
-                if target in old:
-                    fresh[target] = old[target]
-                elif target == bid:
-                    fresh[target] = p.data[a:b].copy()
+                targets.append((target, bid, p, a, b))
+        old = self._base_cache
+        wanted = {t[0] for t in targets}
+        # buffers of blocks that leave the cache are reused for those that enter it:
+        # fresh allocations would page-fault on every save
+        spare: dict[int, list[np.ndarray]] = {}
+        for bid, arr in old.items():
+            if bid not in wanted:
+                spare.setdefault(arr.nbytes, []).append(arr)
+        fresh: dict[bytes, np.ndarray] = {}
+        used = 0
+        for target, bid, p, a, b in targets:
+            if target in fresh:
+                continue
+            if used + (b - a) > self._base_cache_limit:
+                break
+            if target in old:
+                fresh[target] = old[target]
+            elif target == bid:
+                pool = spare.get(b - a)
+                if pool:
+                    buf = pool.pop()
+                    np.copyto(buf, p.data[a:b])
                 else:
-                    continue
-                used += b - a
+                    buf = p.data[a:b].copy()
+                fresh[target] = buf
+            else:
+                continue
+            used += b - a
         self._base_cache = fresh
 
     def _plan_entries(self, leaves: list[Leaf]) -> list[_EntryPlan]:
@@ -1015,31 +1030,40 @@ class _BaseSource:
         self._decoder = None
 
 
+#: a delta frame at most this fraction of the raw block is kept without also trying
+#: the standalone encoding (which costs as much again)
+_DELTA_GOOD_ENOUGH = 0.7
+
+
 def _encode_block(bid: bytes, raw: np.ndarray, width: int, cfg: StoreConfig,
                   parent_id: bytes | None, bases: _BaseSource):
-    """Encode one new block: standalone, or as a delta when that is smaller."""
-    parts = codec_mod.encode(raw, bid, width, cfg.codec)
-    standalone = (parts, _codec_name(parts), None, 0)
-    if parent_id is None:
-        return standalone
-    parent = bases.location(parent_id)
-    if parent is None:
-        return standalone
-    plan = cfg.delta.plan(parent_id, parent.depth, bases.root)
-    if plan is None:
-        return standalone
+    """Encode one new block: as a delta when there is a base and that is smaller."""
+    plan = None
+    if parent_id is not None:
+        parent = bases.location(parent_id)
+        if parent is not None:
+            plan = cfg.delta.plan(parent_id, parent.depth, bases.root)
+    base_raw = None
+    if plan is not None:
+        try:
+            base_raw = bases.get(plan[0])
+        except (CorruptionError, FileNotFoundError):
+            base_raw = None  # a damaged base must not poison new saves
+        if base_raw is not None and base_raw.nbytes != raw.nbytes:
+            base_raw = None
+    if plan is None or base_raw is None:
+        parts = codec_mod.encode(raw, bid, width, cfg.codec)
+        return parts, _codec_name(parts), None, 0
     base_id, depth = plan
-    try:
-        base_raw = bases.get(base_id)
-    except (CorruptionError, FileNotFoundError):
-        return standalone  # a damaged base must not poison new saves
-    if base_raw.nbytes != raw.nbytes:
-        return standalone
     dparts = codec_mod.encode(raw, bid, width, cfg.codec, base=base_raw, base_id=base_id,
                               delta=cfg.delta.mode)
-    if codec_mod.frame_length(dparts) < codec_mod.frame_length(parts):
+    dlen = codec_mod.frame_length(dparts)
+    if dlen <= _DELTA_GOOD_ENOUGH * raw.nbytes:
         return dparts, _codec_name(dparts), base_id, depth
-    return standalone
+    parts = codec_mod.encode(raw, bid, width, cfg.codec)
+    if codec_mod.frame_length(parts) <= dlen:
+        return parts, _codec_name(parts), None, 0
+    return dparts, _codec_name(dparts), base_id, depth
 
 
 def _codec_name(parts: list) -> str:
