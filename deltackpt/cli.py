@@ -229,5 +229,26 @@ def gc_cmd(path: str, as_json: bool) -> None:
                f"{r.objects_deleted} leftover objects")
 
 
+@main.command("reindex")
+@path_argument
+@json_option
+@handle_errors
+def reindex_cmd(path: str, as_json: bool) -> None:
+    """Rebuild a lost or damaged index from the packs and manifests."""
+    from .reindex import reindex
+
+    r = reindex(path)
+    if as_json:
+        _emit_json(r.__dict__)
+        return
+    for p in r.problems:
+        click.echo(f"warning: {p}", err=True)
+    for step, why in sorted(r.steps_lost.items()):
+        click.echo(f"step {step} not recovered: {why}", err=True)
+    click.echo(f"scanned {r.packs_scanned} packs, {r.blocks_found} blocks: recovered "
+               f"{len(r.steps_recovered)} steps, lost {len(r.steps_lost)}"
+               + (f"; old index kept as {r.old_index}" if r.old_index else ""))
+
+
 def run() -> None:  # pragma: no cover - entry point for python -m
     main(prog_name=os.path.basename(sys.argv[0]) or "deltackpt")
