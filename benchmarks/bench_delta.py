@@ -1,0 +1,201 @@
+"""Delta policies on real fine-tuning traces: bytes per incremental checkpoint, save and
+restore time, each as a ratio to torch.save / torch.load of the same state in the same run.
+
+Usage (traces from benchmarks/minilm_trace.py):
+
+    python benchmarks/bench_delta.py --trace benchmarks/.cache/traces/fp32_wd0 \
+        --every 10 --configs none,xor:chain:4,xor:keyframe:8 [--max-steps 300] [--json out.json]
+
+For every saved step of the trace: torch.save (+ fsync) to a scratch file, then each
+configuration's store.save (fsync on, the default), interleaved so that all see the same
+machine state. Afterwards: load of the latest step and of a random older step per store,
+beside torch.load of the same step. Medians of ``--repeat`` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import random
+import re
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+from safetensors.torch import load_file
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import deltackpt  # noqa: E402
+
+
+def category(path: str) -> str:
+    if path.startswith("model/"):
+        return "weights"
+    if path.endswith("exp_avg_sq"):
+        return "exp_avg_sq"
+    if path.endswith("exp_avg"):
+        return "exp_avg"
+    return "other"
+
+
+def trace_files(trace: str, every: int, max_steps: int | None) -> list[tuple[int, str]]:
+    out = []
+    for f in sorted(glob.glob(os.path.join(trace, "step_*.safetensors"))):
+        step = int(re.search(r"step_(\d+)", f).group(1))
+        if step % every == 0 and (max_steps is None or step <= max_steps):
+            out.append((step, f))
+    return out
+
+
+def nest(flat: dict[str, torch.Tensor]) -> dict:
+    """Flat 'a/b/c' keys back into nested dicts (int-looking keys become ints)."""
+    root: dict = {}
+    for k, v in flat.items():
+        parts = k.split("/")
+        d = root
+        for p in parts[:-1]:
+            key = int(p) if p.isdigit() else p
+            d = d.setdefault(key, {})
+        last = parts[-1]
+        d[int(last) if last.isdigit() else last] = v
+    return root
+
+
+def fsync_save(obj, path: str) -> float:
+    t = time.perf_counter()
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    return time.perf_counter() - t
+
+
+def written_by_category(store: deltackpt.Store, step: int) -> dict[str, int]:
+    idx = store._index
+    rows = idx.query("SELECT id, length FROM blocks WHERE first_step=?", (step,))
+    new = dict(rows)
+    out: dict[str, int] = {}
+    for path, blob in idx.query("SELECT path, blocks FROM entries WHERE step=?", (step,)):
+        for i in range(0, len(blob), 16):
+            bid = blob[i:i + 16]
+            if bid in new:
+                out[category(path)] = out.get(category(path), 0) + new.pop(bid)
+    return out
+
+
+def timed_load(store: deltackpt.Store, step: int, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        store.load(step)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def timed_torch_load(path: str, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        torch.load(path, weights_only=True)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--trace", required=True)
+    ap.add_argument("--every", type=int, default=10)
+    ap.add_argument("--max-steps", type=int, default=None)
+    ap.add_argument("--min-step", type=int, default=0)
+    ap.add_argument("--configs", default="none,xor:chain:8,xor:keyframe:8")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--workdir", default=None, help="scratch dir (same disk as the stores)")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    files = [(s, f) for s, f in trace_files(args.trace, args.every, args.max_steps)
+             if s >= args.min_step]
+    configs = args.configs.split(",")
+    work = tempfile.mkdtemp(prefix="bench_delta_", dir=args.workdir)
+    stores = {c: deltackpt.open(os.path.join(work, c.replace(":", "_")), delta=c,
+                                threads=args.threads) for c in configs}
+    rows = {c: [] for c in configs}
+    torch_rows = []
+    last_pt = None
+    try:
+        for step, f in files:
+            state = nest(load_file(f))
+            pt = os.path.join(work, f"step_{step}.pt")
+            t_torch = fsync_save(state, pt)
+            size = os.path.getsize(pt)
+            torch_rows.append({"step": step, "seconds": t_torch, "bytes": size})
+            if last_pt and os.path.exists(last_pt):
+                os.unlink(last_pt)
+            last_pt = pt
+            for c in configs:
+                t = time.perf_counter()
+                r = stores[c].save(state, step=step)
+                dt = time.perf_counter() - t
+                rows[c].append({"step": step, "seconds": dt, "written": r.written_bytes,
+                                "by_category": written_by_category(stores[c], step),
+                                "torch_bytes": size, "torch_seconds": t_torch})
+            del state
+            print(f"step {step}: torch.save {size / 1e6:.1f} MB {t_torch:.2f}s | " + " | ".join(
+                f"{c} {rows[c][-1]['written'] / size:.3f} {rows[c][-1]['seconds'] / t_torch:.2f}x"
+                for c in configs), flush=True)
+        latest = files[-1][0]
+        rng = random.Random(0)
+        old = rng.choice([s for s, _ in files[1:-1]]) if len(files) > 2 else files[0][0]
+        t_tl = timed_torch_load(last_pt, args.repeat)
+        results = {}
+        for c in configs:
+            incr = rows[c][1:] if len(rows[c]) > 1 else rows[c]
+            frac = [r["written"] / r["torch_bytes"] for r in incr]
+            tsave = [r["seconds"] / r["torch_seconds"] for r in incr]
+            cats: dict[str, float] = {}
+            for r in incr:
+                for k, v in r["by_category"].items():
+                    cats[k] = cats.get(k, 0) + v / r["torch_bytes"] / len(incr)
+            t_latest = timed_load(stores[c], latest, args.repeat)
+            t_old = timed_load(stores[c], old, args.repeat)
+            total = stores[c].stored_bytes()
+            full = sum(r["bytes"] for r in torch_rows)
+            results[c] = {
+                "incremental_fraction_mean": statistics.mean(frac),
+                "incremental_fraction_median": statistics.median(frac),
+                "by_category": cats,
+                "save_ratio_median": statistics.median(tsave),
+                "load_latest_ratio": t_latest / t_tl,
+                "load_old_ratio": t_old / t_tl,
+                "old_step": old,
+                "total_fraction": total / full,
+            }
+        print(f"\ntrace {args.trace}, every {args.every}, steps {files[0][0]}..{latest}, "
+              f"torch.save {torch_rows[-1]['bytes'] / 1e6:.1f} MB, torch.load {t_tl:.3f}s")
+        print("| config | bytes/incr. ckpt (× torch.save) | weights | exp_avg | exp_avg_sq | "
+              "total vs full copies | save time × | load latest × | load old × |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for c, r in results.items():
+            cat = r["by_category"]
+            print(f"| {c} | {r['incremental_fraction_mean']:.3f} | {cat.get('weights', 0):.3f} | "
+                  f"{cat.get('exp_avg', 0):.3f} | {cat.get('exp_avg_sq', 0):.3f} | "
+                  f"{r['total_fraction']:.3f} | {r['save_ratio_median']:.2f} | "
+                  f"{r['load_latest_ratio']:.2f} | {r['load_old_ratio']:.2f} |")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"args": vars(args), "torch": torch_rows, "rows": rows,
+                           "results": results}, f, indent=1)
+    finally:
+        for s in stores.values():
+            s.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
