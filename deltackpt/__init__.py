@@ -12,6 +12,7 @@ import os
 from typing import Any
 
 from .backend import Backend, LocalBackend, MemoryBackend
+from .checkpointer import Checkpointer, SaveRecord
 from .codec import CodecConfig
 from .delta import DeltaConfig
 from .errors import (
@@ -27,12 +28,20 @@ from .errors import (
     UnsupportedValueError,
 )
 from .results import EntryInfo, GcResult, SaveResult, StepInfo, VerifyResult
+from .retention import KeepBest, KeepEvery, KeepLast, RetentionPolicy, prune
 from .store import PathNotFoundError, Store, open_store
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Backend",
+    "Checkpointer",
+    "KeepBest",
+    "KeepEvery",
+    "KeepLast",
+    "RetentionPolicy",
+    "SaveRecord",
+    "prune",
     "BackgroundSaveError",
     "CodecConfig",
     "CorruptionError",

@@ -25,14 +25,14 @@ from typing import Protocol, runtime_checkable
 
 from .errors import CorruptionError, InvalidStoreError
 
-_COMPONENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
+_COMPONENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 PARTIAL_SUFFIX = ".partial"
 
 
 def check_name(name: str) -> str:
     """Validate an object name; raise :class:`InvalidStoreError` on anything unsafe."""
     parts = name.split("/")
-    if not name or any(not _COMPONENT.match(p) or p in (".", "..") for p in parts):
+    if not name or any(not _COMPONENT.fullmatch(p) or p in (".", "..") for p in parts):
         raise InvalidStoreError(f"invalid object name {name!r}")
     return name
 
@@ -71,7 +71,12 @@ class _LocalWriter:
         self._tmp = self._final + PARTIAL_SUFFIX
         os.makedirs(os.path.dirname(self._final), exist_ok=True)
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-        self._fd = os.open(self._tmp, flags, 0o644)
+        try:
+            self._fd = os.open(self._tmp, flags, 0o644)
+        except FileExistsError:
+            # a writer killed mid-write left it; only the lock holder writes, so it is stale
+            os.unlink(self._tmp)
+            self._fd = os.open(self._tmp, flags, 0o644)
         self._pos = 0
         self._done = False
 
@@ -88,14 +93,15 @@ class _LocalWriter:
     def commit(self) -> None:
         if self._done:
             raise ValueError("writer already finished")
+        if os.path.lexists(self._final):
+            self.abort()
+            raise FileExistsError(errno.EEXIST, "object exists", self._final)
         try:
             if self._backend.durable:
                 self._backend.fsync_fd(self._fd)
         finally:
             os.close(self._fd)
             self._done = True
-        if os.path.lexists(self._final):
-            raise FileExistsError(errno.EEXIST, "object exists", self._final)
         os.rename(self._tmp, self._final)
         self._backend.mark_dir_dirty(os.path.dirname(self._final))
 

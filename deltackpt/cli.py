@@ -45,8 +45,22 @@ def _table(headers: list[str], rows: list[list[Any]], right: set[int] | None = N
     return "\n".join([fmt(headers), fmt(["-" * w for w in widths])] + [fmt(r) for r in cells])
 
 
+def _strict(value: Any) -> Any:
+    """JSON has no NaN/Infinity: non-finite floats are printed as the strings
+    "NaN", "Infinity" and "-Infinity" so strict parsers (jq, JSON.parse) accept the output."""
+    if isinstance(value, float) and value != value:
+        return "NaN"
+    if isinstance(value, float) and value in (float("inf"), float("-inf")):
+        return "Infinity" if value > 0 else "-Infinity"
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
+
+
 def _emit_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, default=str, allow_nan=True))
+    click.echo(json.dumps(_strict(data), indent=2, default=str, allow_nan=False))
 
 
 def handle_errors(fn: Callable) -> Callable:

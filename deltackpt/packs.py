@@ -126,7 +126,7 @@ def scan_pack(backend: Backend, pack: str) -> Iterator[tuple[FrameInfo, int]]:
 
 def encode_manifest(payload: dict) -> bytes:
     body = zstandard.ZstdCompressor(level=3).compress(
-        json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
+        json.dumps(payload, separators=(",", ":"), allow_nan=True).encode()
     )
     return MANIFEST_MAGIC + _CRC.pack(zlib.crc32(body)) + body
 

@@ -219,8 +219,9 @@ class Store:
         return row[0][0] if row else None
 
     def __contains__(self, step: object) -> bool:
-        if not isinstance(step, int):
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
             return False
+        step = int(step)
         return bool(self._index.query("SELECT 1 FROM steps WHERE step=?", (step,)))
 
     def info(self, step: int) -> StepInfo:
@@ -847,6 +848,12 @@ class Store:
                 best_step, best_value = info.step, v
         return best_step
 
+    def prune(self, policy: Any, protect: Iterable[int] = ()) -> Any:
+        """Apply a retention policy (see :mod:`deltackpt.retention`): delete and thin steps."""
+        from .retention import prune
+
+        return prune(self, policy, protect)
+
     def live_blocks(self) -> set[bytes]:
         """Ids of every block a committed step needs, delta bases included."""
         live: set[bytes] = set()
@@ -898,13 +905,15 @@ class Store:
             empty = [pid for pid, pk in packs.items() if pk["live"] == 0]
             sparse = [pid for pid, pk in packs.items()
                       if pk["live"] and pk["live"] < repack_threshold * pk["size"]]
-            rewritten = self._repack(sparse, packs) if sparse else []
             with self._index.write() as conn:
                 for batch in chunked(dead, 500):
                     marks = ",".join("?" * len(batch))
                     conn.execute(f"DELETE FROM blocks WHERE id IN ({marks})", batch)
                 for pid in empty:
                     conn.execute("DELETE FROM packs WHERE id=?", (pid,))
+            self._repack_written = 0
+            rewritten = self._repack(sparse, packs) if sparse else []
+            freed -= self._repack_written
             doomed = [packs[pid]["name"] for pid in empty] + rewritten
             for i, name in enumerate(doomed):
                 freed += packs_size(self.backend, name)
@@ -950,6 +959,7 @@ class Store:
                     pack, new_off, new_len = writer.add([frame])
                     moves.append((bid, pack, new_off, new_len))
             new_packs = writer.finish()
+            self._repack_written = sum(size for _, size in new_packs)
             self.backend.sync()
         except BaseException:
             writer.abort()
@@ -1284,8 +1294,15 @@ def open_store(
         backend.put(CONFIG_NAME, json.dumps(cfg.to_json(), indent=2).encode() + b"\n")
         backend.sync()
         backend.close()
+    index_path = os.path.join(root, INDEX_NAME)
+    if not os.path.exists(index_path) and (
+            os.path.isdir(os.path.join(root, "packs")) or
+            os.path.isdir(os.path.join(root, "manifests"))):
+        # never start an empty index over existing data: gc would delete it all
+        raise InvalidStoreError(f"{root}: the index ({INDEX_NAME}) is missing but data files "
+                                "exist; run `deltackpt reindex PATH` to rebuild it")
     backend = LocalBackend(root, durable=fsync)
-    return Store(backend, os.path.join(root, INDEX_NAME), cfg,
+    return Store(backend, index_path, cfg,
                  lock_path=os.path.join(root, LOCK_NAME), threads=threads,
                  lock_timeout=lock_timeout, location=root, base_cache_bytes=base_cache_bytes)
 
