@@ -34,7 +34,7 @@ class DeltaConfig:
     """``mode``: ``xor``, ``sub`` or ``none``; ``policy``: ``chain`` or ``keyframe``."""
 
     mode_name: str = "xor"
-    policy: str = "chain"
+    policy: str = "keyframe"  # chosen by measurement: docs/benchmarks.md
     max_depth: int = 8
 
     def __post_init__(self) -> None:
@@ -68,7 +68,7 @@ class DeltaConfig:
 
     @classmethod
     def from_json(cls, data: dict) -> DeltaConfig:
-        return cls(str(data.get("mode", "xor")), str(data.get("policy", "chain")),
+        return cls(str(data.get("mode", "xor")), str(data.get("policy", "keyframe")),
                    int(data.get("max_depth", 8)))
 
     @classmethod
@@ -80,6 +80,6 @@ class DeltaConfig:
             return cls()
         parts = str(spec).split(":")
         mode = parts[0] or "xor"
-        policy = parts[1] if len(parts) > 1 else "chain"
+        policy = parts[1] if len(parts) > 1 else "keyframe"
         depth = int(parts[2]) if len(parts) > 2 else 8
         return cls(mode, policy, depth)

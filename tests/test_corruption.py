@@ -206,7 +206,7 @@ def test_damaged_delta_base_breaks_its_dependents_only(tmp_path):
     base = det_floats((3 * 1024,), 9)
     states = {}
     path = os.path.join(tmp_path, "s")
-    with deltackpt.open(path, block_size=BS, delta="xor") as s:
+    with deltackpt.open(path, block_size=BS, delta="xor:chain:8") as s:
         for i in (1, 2, 3):
             w = base.clone()
             w[::50] += i * 0.01
@@ -270,7 +270,7 @@ def test_every_single_byte_flip_of_a_frame_is_detected(kind):
 def _delta_chain_store(path):
     base = det_floats((3 * 1024,), 9)
     states = {}
-    s = deltackpt.open(path, block_size=BS, delta="xor")
+    s = deltackpt.open(path, block_size=BS, delta="xor:chain:8")
     for i in (1, 2, 3):
         w = base.clone()
         w[::50] += i * 0.01
@@ -304,7 +304,7 @@ def test_a_damaged_delta_base_does_not_poison_new_saves(tmp_path):
     path = os.path.join(tmp_path, "s")
     s, states = _delta_chain_store(path)
     s.close()
-    with deltackpt.open(path, delta="xor") as s:  # reopened: no cached base bytes
+    with deltackpt.open(path, delta="xor:chain:8") as s:  # reopened: no cached base bytes
         for bid in entry_block_ids(s, 3)["w"]:
             row = next(r for r in block_rows(s) if r["id"] == bid)
             flip_byte(os.path.join(path, *row["pack"].split("/")),

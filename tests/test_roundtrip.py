@@ -432,7 +432,7 @@ def test_cuda_tensors_return_to_their_device_unless_mapped():
 
 
 # -- delta encodings round-trip through chains -----------------------------------------
-@pytest.mark.parametrize("spec", ["xor", "sub", "xor:keyframe:3", "sub:chain:2", "none"])
+@pytest.mark.parametrize("spec", ["xor:chain:8", "sub:chain:8", "xor", "xor:keyframe:3", "sub:chain:2", "none"])
 def test_delta_chains_restore_every_step_bit_exact(spec):
     base = det_floats((2500,), 11)
     counters = torch.arange(1000, dtype=torch.int64)
@@ -452,6 +452,7 @@ def test_delta_chains_restore_every_step_bit_exact(spec):
         by_id = {r["id"]: r for r in rows}
         mode, _, rest = spec.partition(":")
         policy, _, depth = rest.partition(":")
+        policy = policy or deltackpt.DeltaConfig().policy  # the default policy
         max_depth = int(depth or 8)
         deltas = [r for r in rows if r["base"] is not None]
         if mode == "none":

@@ -461,7 +461,7 @@ def test_delete_then_gc_frees_bytes_and_keeps_other_steps(tmp_path):
 def test_gc_keeps_delta_bases_of_live_steps():
     base = det_floats((4 * F32_PER_BLOCK,), 5)
     states = {}
-    with mem(delta="xor") as s:
+    with mem(delta="xor:chain:8") as s:
         for i in range(1, 6):
             w = base.clone()
             w[::97] += i * 1e-3
