@@ -806,7 +806,7 @@ class Store:
                     "SELECT idx, path, kind, dtype, shape, nbytes, block_size, blocks "
                     "FROM entries WHERE step=? ORDER BY idx", (step,)).fetchall()
             gone = [r[0] for r in rows if r[0] not in kept]
-            if not gone:
+            if not gone and tree == json.loads(tree_json):
                 return 0
             payload = {
                 "manifest_version": MANIFEST_VERSION, "step": step, "created_at": created,

@@ -512,8 +512,6 @@ def test_thin_drops_subtrees_and_gc_reclaims_them(tmp_path):
         assert s.verify().ok
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: thin() returns early when no array entry is "
-                   "dropped, so non-array values outside `keep` stay in the step's tree")
 def test_thin_drops_non_array_values_outside_keep():
     with mem() as s:
         s.save({"model": {"w": torch.ones(3)}, "epoch": 1, "name": "run"}, 1)
