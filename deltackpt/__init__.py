@@ -73,7 +73,7 @@ def open(path: str | os.PathLike | Backend, **options: Any) -> Store:  # noqa: A
     ``path`` is a directory, ``"memory://"`` for a throw-away in-memory store, or
     a :class:`Backend`. Options (fixed at creation unless noted):
     ``block_size`` (bytes, default 1 MiB), ``hash`` (``"xxh3_128"`` or
-    ``"blake2b"``), ``level`` (zstd level, per session), ``delta`` (``"xor"``,
+    ``"blake2b"``), ``level`` (zstd level, per session), ``delta`` (``"auto"`` (default), ``"xor"``,
     ``"sub"``, ``"none"`` or ``"xor:keyframe:8"``; per session), ``fsync``
     (default True: a returned save survives power loss), ``threads``,
     ``lock_timeout`` (seconds to wait for another writer), ``base_cache_bytes``

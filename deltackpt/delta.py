@@ -25,15 +25,20 @@ from typing import Any
 
 from .codec import DELTA_NONE, DELTA_SUB, DELTA_XOR
 
-MODES = {"xor": DELTA_XOR, "sub": DELTA_SUB, "none": DELTA_NONE}
+MODES = {"auto": DELTA_XOR, "xor": DELTA_XOR, "sub": DELTA_SUB, "none": DELTA_NONE}
+#: under ``auto``, entries whose path ends like this are second moments: always
+#: positive, slowly varying, so the integer difference of their bit patterns beats
+#: XOR (docs/codec-experiments.md: 1.7 points in fp32, 11 in bf16)
+_SUB_SUFFIXES = ("exp_avg_sq", "square_avg", "sum", "exp_inf")
 POLICIES = ("chain", "keyframe")
 
 
 @dataclass(frozen=True)
 class DeltaConfig:
-    """``mode``: ``xor``, ``sub`` or ``none``; ``policy``: ``chain`` or ``keyframe``."""
+    """``mode``: ``auto`` (XOR, SUB for second moments), ``xor``, ``sub`` or ``none``;
+    ``policy``: ``chain`` or ``keyframe``."""
 
-    mode_name: str = "xor"
+    mode_name: str = "auto"
     policy: str = "keyframe"  # chosen by measurement: docs/benchmarks.md
     max_depth: int = 8
 
@@ -53,6 +58,12 @@ class DeltaConfig:
     def mode(self) -> int:
         return MODES[self.mode_name]
 
+    def mode_for(self, path: str) -> int:
+        """The delta mode for an entry: ``auto`` picks SUB for second-moment tensors."""
+        if self.mode_name == "auto" and path.rsplit("/", 1)[-1].endswith(_SUB_SUFFIXES):
+            return DELTA_SUB
+        return MODES[self.mode_name]
+
     def plan(self, parent_id: bytes, parent_depth: int,
              root_of: Callable[[bytes], bytes]) -> tuple[bytes, int] | None:
         """(base id, depth of the new block), or None to write a keyframe."""
@@ -68,7 +79,7 @@ class DeltaConfig:
 
     @classmethod
     def from_json(cls, data: dict) -> DeltaConfig:
-        return cls(str(data.get("mode", "xor")), str(data.get("policy", "keyframe")),
+        return cls(str(data.get("mode", "auto")), str(data.get("policy", "keyframe")),
                    int(data.get("max_depth", 8)))
 
     @classmethod
@@ -79,7 +90,7 @@ class DeltaConfig:
         if spec is None:
             return cls()
         parts = str(spec).split(":")
-        mode = parts[0] or "xor"
+        mode = parts[0] or "auto"
         policy = parts[1] if len(parts) > 1 else "keyframe"
         depth = int(parts[2]) if len(parts) > 2 else 8
         return cls(mode, policy, depth)

@@ -476,20 +476,21 @@ class Store:
         all_ids = {bid for p in plans for bid in p.ids}
         known = self._known_blocks(all_ids)
         bases = self._delta_bases(plans, parent) if self.config.delta.enabled else {}
-        todo: list[tuple[bytes, np.ndarray, int, bytes | None]] = []
+        todo: list[tuple[bytes, np.ndarray, int, bytes | None, int]] = []
         seen = set(known)
         for p in plans:
             for (a, b), bid in zip(p.spans, p.ids):
                 if bid in seen:
                     continue
                 seen.add(bid)
-                todo.append((bid, p.data[a:b], p.width, bases.get((p.leaf.index, a))))
+                todo.append((bid, p.data[a:b], p.width, bases.get((p.leaf.index, a)),
+                             self.config.delta.mode_for(p.leaf.path)))
         base_source = _BaseSource(self, [t[3] for t in todo if t[3] is not None])
         cfg = self.config
 
-        def encode(job: tuple[bytes, np.ndarray, int, bytes | None]):
-            bid, raw, width, base_id = job
-            return _encode_block(bid, raw, width, cfg, base_id, base_source)
+        def encode(job: tuple[bytes, np.ndarray, int, bytes | None, int]):
+            bid, raw, width, base_id, mode = job
+            return _encode_block(bid, raw, width, cfg, base_id, base_source, mode)
 
         new_blocks: dict[bytes, tuple] = {}
         written = 0
@@ -1046,7 +1047,7 @@ _DELTA_GOOD_ENOUGH = 0.7
 
 
 def _encode_block(bid: bytes, raw: np.ndarray, width: int, cfg: StoreConfig,
-                  parent_id: bytes | None, bases: _BaseSource):
+                  parent_id: bytes | None, bases: _BaseSource, mode: int):
     """Encode one new block: as a delta when there is a base and that is smaller."""
     plan = None
     if parent_id is not None:
@@ -1066,7 +1067,7 @@ def _encode_block(bid: bytes, raw: np.ndarray, width: int, cfg: StoreConfig,
         return parts, _codec_name(parts), None, 0
     base_id, depth = plan
     dparts = codec_mod.encode(raw, bid, width, cfg.codec, base=base_raw, base_id=base_id,
-                              delta=cfg.delta.mode)
+                              delta=mode)
     dlen = codec_mod.frame_length(dparts)
     if dlen <= _DELTA_GOOD_ENOUGH * raw.nbytes:
         return dparts, _codec_name(dparts), base_id, depth
