@@ -98,10 +98,6 @@ class PackWriter:
         self.finished = []
 
 
-def read_frame(backend: Backend, pack: str, offset: int, length: int) -> bytes:
-    return backend.read(pack, offset, length)
-
-
 def scan_pack(backend: Backend, pack: str) -> Iterator[tuple[FrameInfo, int]]:
     """Yield (frame info, offset) for every well-formed frame of a pack, in order.
 
