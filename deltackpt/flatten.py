@@ -73,7 +73,8 @@ def _type_name(value: Any) -> str:
     return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
 
 
-def _unsupported(path: str, value: Any, why: str = "") -> UnsupportedValueError:
+def unsupported(path: str, value: Any, why: str = "") -> UnsupportedValueError:
+    """The UnsupportedValueError for ``value`` at ``path`` (used by flatten and snapshot)."""
     where = f"'{path}'" if path else "the top level"
     extra = f" ({why})" if why else ""
     return UnsupportedValueError(
@@ -82,6 +83,20 @@ def _unsupported(path: str, value: Any, why: str = "") -> UnsupportedValueError:
         "int, float, bool, None, str, bytes, torch.Tensor and numpy.ndarray leaves, "
         "without pickle; convert it to one of these (e.g. its state_dict() or a str)"
     )
+
+
+def check_tensor(value: torch.Tensor, path: str) -> None:
+    """Raise UnsupportedValueError (naming ``path``) for a tensor with no storable bytes."""
+    t = type(value)
+    if t is not torch.Tensor and t is not torch.nn.Parameter:
+        raise unsupported(path, value, "tensor subclasses are not storable")
+    if value.layout != torch.strided:
+        raise unsupported(path, value, f"layout {value.layout} is not storable; "
+                           "call .to_dense() first")
+    if value.is_quantized:
+        raise unsupported(path, value, "quantized tensors are not storable")
+    if value.device.type == "meta":
+        raise unsupported(path, value, "a meta tensor has no data")
 
 
 class _Flattener:
@@ -141,43 +156,32 @@ class _Flattener:
         if t is np.ndarray:
             name = numpy_dtype_name(value.dtype)
             if name is None:
-                raise _unsupported(path, value, f"numpy dtype {value.dtype} has no fixed layout")
+                raise unsupported(path, value, f"numpy dtype {value.dtype} has no fixed layout")
             idx = self.add_leaf(path, "ndarray", name, tuple(int(s) for s in value.shape), value)
             return ["E", idx, {}]
         if isinstance(value, np.generic) and t is not np.object_:
             name = numpy_dtype_name(value.dtype)
             if name is None:
-                raise _unsupported(path, value, f"numpy dtype {value.dtype} has no fixed layout")
+                raise unsupported(path, value, f"numpy dtype {value.dtype} has no fixed layout")
             return ["N", name, value.tobytes().hex()]
         if t is torch.Size:
             return ["S", [int(s) for s in value]]
         if t is torch.dtype:
             name = torch_dtype_name(value)
             if name is None:
-                raise _unsupported(path, value, f"dtype {value} is not storable")
+                raise unsupported(path, value, f"dtype {value} is not storable")
             return ["dt", name]
         if t is torch.device:
             return ["dev", str(value)]
-        raise _unsupported(path, value)
+        raise unsupported(path, value)
 
     def tensor(self, value: torch.Tensor, path: str) -> Any:
         t = type(value)
-        if t is torch.nn.Parameter:
-            kind = "parameter"
-        elif t is torch.Tensor:
-            kind = "tensor"
-        else:
-            raise _unsupported(path, value, "tensor subclasses are not storable")
-        if value.layout != torch.strided:
-            raise _unsupported(path, value, f"layout {value.layout} is not storable; "
-                               "call .to_dense() first")
-        if value.is_quantized:
-            raise _unsupported(path, value, "quantized tensors are not storable")
-        if value.device.type == "meta":
-            raise _unsupported(path, value, "a meta tensor has no data")
+        check_tensor(value, path)
+        kind = "parameter" if t is torch.nn.Parameter else "tensor"
         name = torch_dtype_name(value.dtype)
         if name is None:
-            raise _unsupported(path, value, f"dtype {value.dtype} is not storable")
+            raise unsupported(path, value, f"dtype {value.dtype} is not storable")
         attrs: dict[str, Any] = {}
         if kind == "parameter":
             attrs["requires_grad"] = bool(value.requires_grad)
@@ -245,21 +249,27 @@ def _build(node: Any, entries: dict[int, Any], depth: int) -> Any:
     raise _bad_tree(f"unknown tag {tag!r}")
 
 
-def entry_indices(tree: Any) -> list[int]:
-    """Indices of all entries referenced by ``tree``, in tree order."""
-    out: list[int] = []
+def entry_nodes(tree: Any) -> list[tuple[int, dict[str, Any]]]:
+    """(index, attrs) of every entry referenced by ``tree``, in tree order."""
+    out: list[tuple[int, dict[str, Any]]] = []
     stack = [tree]
     while stack:
         node = stack.pop()
         if isinstance(node, list) and node and isinstance(node[0], str):
             tag = node[0]
             if tag == "E":
-                out.append(int(node[1]))
+                attrs = node[2] if len(node) > 2 and isinstance(node[2], dict) else {}
+                out.append((int(node[1]), attrs))
             elif tag in ("L", "T"):
                 stack.extend(reversed(node[1]))
             elif tag in ("D", "O"):
                 stack.extend(reversed([v for _, v in node[1]]))
     return out
+
+
+def entry_indices(tree: Any) -> list[int]:
+    """Indices of all entries referenced by ``tree``, in tree order."""
+    return [i for i, _ in entry_nodes(tree)]
 
 
 def select_tree(tree: Any, select: list[str]) -> Any:

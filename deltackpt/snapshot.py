@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from .errors import UnsupportedValueError
-from .flatten import join_path
+from .flatten import check_tensor, join_path, unsupported
 
 _IMMUTABLE = (type(None), bool, int, float, str, bytes, torch.Size, torch.dtype, torch.device)
 
@@ -147,7 +147,7 @@ class HostSnapshot:
             return self._array(value, path)
         if isinstance(value, np.generic) and t is not np.object_:
             return value  # numpy scalars are immutable
-        raise _unsupported(path, value)
+        raise unsupported(path, value)
 
     def _buffer(self, path: str, make: Any, match: Any) -> _Buffer:
         buf = self._buffers.get(path)
@@ -158,16 +158,7 @@ class HostSnapshot:
         return buf
 
     def _tensor(self, src: torch.Tensor, path: str) -> torch.Tensor:
-        t = type(src)
-        if t is not torch.Tensor and t is not torch.nn.Parameter:
-            raise _unsupported(path, src, "tensor subclasses are not storable")
-        if src.layout != torch.strided:
-            raise _unsupported(path, src, f"layout {src.layout} is not storable; "
-                               "call .to_dense() first")
-        if src.is_quantized:
-            raise _unsupported(path, src, "quantized tensors are not storable")
-        if src.device.type == "meta":
-            raise _unsupported(path, src, "a meta tensor has no data")
+        check_tensor(src, path)
         key = None
         if src.numel():
             key = (src.device, src.untyped_storage().data_ptr(), src.storage_offset(),
@@ -206,7 +197,7 @@ class HostSnapshot:
 
     def _array(self, src: np.ndarray, path: str) -> np.ndarray:
         if src.dtype.hasobject or src.dtype.fields is not None:
-            raise _unsupported(path, src, f"numpy dtype {src.dtype} has no fixed layout")
+            raise unsupported(path, src, f"numpy dtype {src.dtype} has no fixed layout")
         shape, dtype = src.shape, src.dtype
 
         def make() -> _Buffer:
@@ -225,17 +216,4 @@ def _as_type(buf: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     if type(src) is torch.nn.Parameter:
         return torch.nn.Parameter(buf, requires_grad=src.requires_grad)
     return buf
-
-
-def _unsupported(path: str, value: Any, why: str = "") -> UnsupportedValueError:
-    where = f"'{path}'" if path else "the top level"
-    t = type(value)
-    name = t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
-    extra = f" ({why})" if why else ""
-    return UnsupportedValueError(
-        f"cannot store a value of type {name} at {where}{extra}: deltackpt stores "
-        "dict/OrderedDict/list/tuple containers with str or int keys, and int, float, "
-        "bool, None, str, bytes, torch.Tensor and numpy.ndarray leaves, without pickle; "
-        "convert it to one of these (e.g. its state_dict() or a str)"
-    )
 

@@ -37,7 +37,7 @@ from .errors import (
     UnsupportedValueError,
 )
 from .faults import crash_point
-from .flatten import Leaf, entry_indices, flatten, select_tree, unflatten
+from .flatten import Leaf, entry_indices, entry_nodes, flatten, select_tree, unflatten
 from .hashing import DEFAULT_BLOCK_SIZE, HASHES, ID_SIZE, block_id, block_spans, unpack_ids
 from .index import Index, chunked
 from .lock import WriterLock
@@ -610,7 +610,7 @@ class Store:
         outputs: dict[int, Any] = {}
         tasks: list[tuple[bytes, np.ndarray, str]] = []
         devices: dict[int, str] = {}
-        attrs_of = _entry_attrs(tree)
+        attrs_of = dict(entry_nodes(tree))
         for i in wanted:
             _, path, kind, dtype, shape_s, nbytes, bsize, blob = by_idx[i]
             shape = tuple(json.loads(shape_s))
@@ -1174,22 +1174,6 @@ def _entry_manifest(p: _EntryPlan) -> dict:
         "block_size": p.spans[0][1] if p.spans else 0,
         "blocks": b"".join(p.ids).hex(),
     }
-
-
-def _entry_attrs(tree: Any) -> dict[int, dict]:
-    out: dict[int, dict] = {}
-    stack = [tree]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, list) and node and isinstance(node[0], str):
-            tag = node[0]
-            if tag == "E":
-                out[int(node[1])] = node[2] if len(node) > 2 and isinstance(node[2], dict) else {}
-            elif tag in ("L", "T"):
-                stack.extend(node[1])
-            elif tag in ("D", "O"):
-                stack.extend(v for _, v in node[1])
-    return out
 
 
 def _step_info(row: tuple) -> StepInfo:
