@@ -1,0 +1,235 @@
+"""Commands over one store: log, show, restore, verify, stats, delete, gc, reindex."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from ..errors import DeltackptError
+from ._common import (
+    emit_json,
+    handle_errors,
+    human,
+    json_option,
+    open_existing,
+    path_argument,
+    table,
+    when,
+)
+
+
+@click.command("log")
+@path_argument
+@json_option
+@handle_errors
+def log_cmd(path: str, as_json: bool) -> None:
+    """List the committed steps with their metrics and cost."""
+    with open_existing(path) as store:
+        infos = store.log()
+    if as_json:
+        emit_json([i.__dict__ for i in infos])
+        return
+    rows = []
+    for i in infos:
+        metrics = " ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in i.metrics.items()
+        )
+        rows.append(
+            [
+                i.step,
+                when(i.created_at),
+                human(i.logical_bytes),
+                human(i.written_bytes),
+                ",".join(i.tags),
+                metrics,
+            ]
+        )
+    click.echo(
+        table(["step", "saved", "logical", "written", "tags", "metrics"], rows, right={0, 2, 3})
+    )
+
+
+@click.command("show")
+@path_argument
+@click.argument("step", type=int, required=False)
+@json_option
+@handle_errors
+def show_cmd(path: str, step: int | None, as_json: bool) -> None:
+    """Show the entries (dtype, shape, bytes) of STEP (default: latest)."""
+    with open_existing(path) as store:
+        if step is None:
+            step = store.latest()
+            if step is None:
+                raise DeltackptError(f"{path}: the store has no steps")
+        info = store.info(step)
+        entries = store.entries(step)
+    if as_json:
+        emit_json({"step": info.__dict__, "entries": [e.__dict__ for e in entries]})
+        return
+    click.echo(
+        f"step {info.step}  saved {when(info.created_at)}  "
+        f"{len(entries)} entries  {human(info.logical_bytes)} logical  "
+        f"{human(info.written_bytes)} written"
+    )
+    if info.metrics:
+        click.echo("metrics: " + json.dumps(info.metrics))
+    rows = [
+        [e.path, e.kind, e.dtype, "x".join(map(str, e.shape)) or "()", human(e.nbytes), e.blocks]
+        for e in entries
+    ]
+    click.echo(table(["path", "kind", "dtype", "shape", "bytes", "blocks"], rows, right={4, 5}))
+
+
+@click.command("restore")
+@path_argument
+@click.argument("step", type=int, required=False)
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Output file: .safetensors (tensors only) or .pt (full structure).",
+)
+@click.option("--select", multiple=True, help="Restore only this subtree (repeatable).")
+@handle_errors
+def restore_cmd(path: str, step: int | None, output: str, select: tuple[str, ...]) -> None:
+    """Write STEP (default: latest) to a .safetensors or .pt file."""
+    from ..export import write_pt, write_safetensors
+
+    with open_existing(path) as store:
+        state = store.load(step, select=list(select) or None)
+        step = step if step is not None else store.latest()
+    if output.endswith(".safetensors"):
+        n, skipped = write_safetensors(state, output, metadata={"deltackpt_step": str(step)})
+        click.echo(
+            f"wrote {n} tensors of step {step} to {output}"
+            + (f" ({skipped} non-tensor values left out)" if skipped else ""),
+            err=True,
+        )
+    elif output.endswith(".pt"):
+        write_pt(state, output)
+        click.echo(f"wrote step {step} to {output}", err=True)
+    else:
+        raise click.BadParameter("output must end in .safetensors or .pt", param_hint="-o")
+
+
+@click.command("verify")
+@path_argument
+@click.option("--step", type=int, default=None, help="Check only this step.")
+@json_option
+@handle_errors
+def verify_cmd(path: str, step: int | None, as_json: bool) -> None:
+    """Re-read and re-hash every block; exit 1 on any problem."""
+    with open_existing(path) as store:
+        result = store.verify(step)
+    if as_json:
+        emit_json(
+            {
+                "ok": result.ok,
+                "steps_checked": result.steps_checked,
+                "blocks_checked": result.blocks_checked,
+                "bytes_checked": result.bytes_checked,
+                "problems": result.problems,
+                "damaged_steps": result.damaged_steps,
+            }
+        )
+    else:
+        for p in result.problems:
+            click.echo(p)
+        status = "ok" if result.ok else f"{len(result.problems)} problem(s)"
+        click.echo(
+            f"checked {result.steps_checked} steps, {result.blocks_checked} blocks "
+            f"({human(result.bytes_checked)}): {status}"
+        )
+    if not result.ok:
+        sys.exit(1)
+
+
+@click.command("stats")
+@path_argument
+@json_option
+@handle_errors
+def stats_cmd(path: str, as_json: bool) -> None:
+    """Logical vs stored bytes per step and in total, dedup and compression ratios."""
+    from ..stats import store_stats
+
+    with open_existing(path) as store:
+        stats = store_stats(store)
+    if as_json:
+        emit_json(stats)
+        return
+    rows = [
+        [
+            s["step"],
+            human(s["logical_bytes"]),
+            human(s["written_bytes"]),
+            human(s["cumulative_stored_bytes"]),
+            f"{s['dedup_ratio']:.1%}",
+            f"{s['compression_ratio']:.2f}x",
+        ]
+        for s in stats["steps"]
+    ]
+    click.echo(table(["step", "logical", "written", "cumulative", "dedup", "compression"], rows))
+    t = stats["total"]
+    click.echo(
+        f"\n{t['steps']} steps, {human(t['logical_bytes'])} logical, "
+        f"{human(t['stored_bytes'])} stored ({t['stored_fraction']:.1%} of full copies)"
+    )
+
+
+@click.command("delete")
+@path_argument
+@click.argument("steps", type=int, nargs=-1, required=True)
+@handle_errors
+def delete_cmd(path: str, steps: tuple[int, ...]) -> None:
+    """Delete STEPS (space is reclaimed by gc)."""
+    with open_existing(path) as store:
+        for s in steps:
+            store.delete(s)
+            click.echo(f"deleted step {s}", err=True)
+
+
+@click.command("gc")
+@path_argument
+@json_option
+@handle_errors
+def gc_cmd(path: str, as_json: bool) -> None:
+    """Remove blocks no step needs and leftovers of interrupted saves."""
+    with open_existing(path) as store:
+        r = store.gc()
+    if as_json:
+        emit_json(r.__dict__)
+        return
+    click.echo(
+        f"freed {human(r.bytes_freed)}: {r.blocks_deleted} blocks, "
+        f"{r.packs_deleted} packs deleted ({r.packs_rewritten} rewritten), "
+        f"{r.objects_deleted} leftover objects"
+    )
+
+
+@click.command("reindex")
+@path_argument
+@json_option
+@handle_errors
+def reindex_cmd(path: str, as_json: bool) -> None:
+    """Rebuild a lost or damaged index from the packs and manifests."""
+    from ..reindex import reindex
+
+    r = reindex(path)
+    if as_json:
+        emit_json(r.__dict__)
+        return
+    for p in r.problems:
+        click.echo(f"warning: {p}", err=True)
+    for step, why in sorted(r.steps_lost.items()):
+        click.echo(f"step {step} not recovered: {why}", err=True)
+    click.echo(
+        f"scanned {r.packs_scanned} packs, {r.blocks_found} blocks: recovered "
+        f"{len(r.steps_recovered)} steps, lost {len(r.steps_lost)}"
+        + (f"; old index kept as {r.old_index}" if r.old_index else "")
+    )
+
+
+COMMANDS = [log_cmd, show_cmd, restore_cmd, verify_cmd, stats_cmd, delete_cmd, gc_cmd, reindex_cmd]
