@@ -9,7 +9,10 @@ its path, before the store writes a byte.
 Tree encoding (format version 1; see docs/format.md):
 
 - ``null``, ``true``/``false``, JSON integers and strings stand for themselves;
-- ``["f", float.hex()]`` a float (exact, including nan/inf/-0.0);
+- ``["f", float.hex()]`` a float (exact, including -0.0); ``["f", "inf"]``,
+  ``["f", "-inf"]``, ``["f", "nan"]`` (the canonical NaN) and ``["f", "nan", bits]``
+  (any other NaN: its 64 bits as 16 hex digits);
+- ``["I", hex]`` an int outside the int64 range (``hex(value)``, e.g. ``"-0x1f"``);
 - ``["L", [..]]`` list, ``["T", [..]]`` tuple, ``["D", [[key, value], ..]]`` dict,
   ``["O", [[key, value], ..], metadata]`` OrderedDict (``metadata`` is the tree of
   a ``state_dict()``'s ``_metadata`` attribute or null); keys are str or int;
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import math
+import struct
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -131,9 +135,11 @@ class _Flattener:
         if value is None or t is bool or t is str:
             return value
         if t is int:
-            return value
+            # JSON parsers outside Python lose precision past 64 bits and Python's own
+            # refuses ints over 4300 digits: wider ints are stored as hex text.
+            return value if _INT64_MIN <= value <= _INT64_MAX else ["I", hex(value)]
         if t is float:
-            return ["f", float.hex(value) if math.isfinite(value) else repr(value)]
+            return _float_node(value)
         if t is list or t is tuple:
             items = [self.walk(v, join_path(path, i), depth + 1) for i, v in enumerate(value)]
             return ["L" if t is list else "T", items]
@@ -192,6 +198,41 @@ class _Flattener:
         return ["E", idx, attrs]
 
 
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_CANONICAL_NAN_BITS = struct.unpack("<Q", struct.pack("<d", math.nan))[0]
+
+
+def _float_node(value: float) -> list:
+    if math.isfinite(value):
+        return ["f", float.hex(value)]
+    if value == value:
+        return ["f", "inf" if value > 0 else "-inf"]
+    bits = struct.unpack("<Q", struct.pack("<d", value))[0]
+    # A NaN's sign and payload are data too (float.hex drops them): keep the bits
+    # unless this is the canonical NaN, so older trees stay byte-identical.
+    return ["f", "nan"] if bits == _CANONICAL_NAN_BITS else ["f", "nan", f"{bits:016x}"]
+
+
+def _float_from_node(node: list) -> float:
+    s = node[1]
+    if s == "nan" and len(node) > 2:
+        bits = node[2]
+        if not (isinstance(bits, str) and len(bits) == 16):
+            raise _bad_tree(f"bad NaN bits {bits!r:.40}")
+        try:
+            return struct.unpack("<d", struct.pack("<Q", int(bits, 16)))[0]
+        except ValueError:
+            raise _bad_tree(f"bad NaN bits {bits!r:.40}") from None
+    if s in ("nan", "inf", "-inf"):
+        return float(s)
+    if not isinstance(s, str):
+        raise _bad_tree(f"bad float {s!r:.40}")
+    try:
+        return float.fromhex(s)
+    except ValueError:
+        raise _bad_tree(f"bad float {s!r:.40}") from None
+
+
 def flatten(state: Any) -> tuple[Any, list[Leaf]]:
     """Split ``state`` into its JSON tree and its array leaves (in tree order)."""
     f = _Flattener()
@@ -223,8 +264,12 @@ def _build(node: Any, entries: dict[int, Any], depth: int) -> Any:
         raise _bad_tree(f"unexpected node {node!r:.80}")
     tag = node[0]
     if tag == "f":
-        s = node[1]
-        return float(s) if s in ("nan", "inf", "-inf") else float.fromhex(s)
+        return _float_from_node(node)
+    if tag == "I":
+        try:
+            return int(node[1], 16)
+        except (TypeError, ValueError):
+            raise _bad_tree(f"bad int {node[1]!r:.40}") from None
     if tag in ("L", "T"):
         items = [_build(v, entries, depth + 1) for v in node[1]]
         return items if tag == "L" else tuple(items)
@@ -263,6 +308,9 @@ def entry_nodes(tree: Any) -> list[tuple[int, dict[str, Any]]]:
             elif tag in ("L", "T"):
                 stack.extend(reversed(node[1]))
             elif tag in ("D", "O"):
+                # an OrderedDict's _metadata comes after its items, as flatten walks them
+                if tag == "O" and len(node) > 2 and node[2] is not None:
+                    stack.append(node[2])
                 stack.extend(reversed([v for _, v in node[1]]))
     return out
 
@@ -284,22 +332,30 @@ def select_tree(tree: Any, select: list[str]) -> Any:
 
     def walk(node: Any, prefixes: list[tuple[int, list[str]]]) -> Any:
         # prefixes: (select index, remaining components); empty remaining => whole node
-        for i, rest in prefixes:
-            if not rest:
-                matched[i] = True
-                return node
+        if any(not rest for _, rest in prefixes):
+            for i, rest in prefixes:
+                if not rest:
+                    matched[i] = True
+            deeper = [(i, rest) for i, rest in prefixes if rest]
+            if deeper:  # overlapping paths: the whole node is kept, but they must exist
+                walk(node, deeper)
+            return node
         if not (isinstance(node, list) and node and node[0] in ("L", "T", "D", "O")):
             return _MISSING
         tag = node[0]
         if tag in ("L", "T"):
-            items = []
+            # Unselected items become None (up to the last selected one) so every kept
+            # value stays at its stored index and its path does not change.
+            items: list[Any] = []
             for idx, child in enumerate(node[1]):
                 sub = [(i, r[1:]) for i, r in prefixes if r[0] == str(idx)]
-                if sub:
-                    got = walk(child, sub)
-                    if got is not _MISSING:
-                        items.append(got)
-            return [tag, items] if items else _MISSING
+                got = walk(child, sub) if sub else _MISSING
+                items.append(got)
+            while items and items[-1] is _MISSING:
+                items.pop()
+            if not items:
+                return _MISSING
+            return [tag, [None if v is _MISSING else v for v in items]]
         pairs = []
         for k, child in node[1]:
             sub = [(i, r[1:]) for i, r in prefixes if r[0] == escape_key(k)]

@@ -137,9 +137,6 @@ def test_restore_safetensors_is_bit_exact(store_dir, tmp_path):
     assert_state_equal(got["opt/state/0/exp_avg"], _state(3)["opt"]["state"][0]["exp_avg"])
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: select keeps only the chosen list items and "
-                   "renumbers them, so `restore --select buffers/1` writes the tensor under the "
-                   "key 'buffers/0' (export.iter_tensors numbers the pruned list)")
 def test_restore_select_of_a_list_item_keeps_its_stored_name(store_dir, tmp_path):
     from safetensors.torch import load_file
 

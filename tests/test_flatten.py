@@ -6,6 +6,7 @@ import collections
 import enum
 import math
 import os
+import struct
 
 import numpy as np
 import pytest
@@ -52,7 +53,7 @@ def test_tree_encoding_is_pinned():
         ["ninf", ["f", "-inf"]],
         ["nan", ["f", "nan"]],
         [2, ["L", [None, True, False, "s"]]],
-        ["t", ["T", [7, -(2**70)]]],
+        ["t", ["T", [7, ["I", "-0x400000000000000000"]]]],
         ["od", ["O", [["w", 1]], ["D", [["", ["D", [["version", 1]]]]]]]],
         ["size", ["S", [2, 3]]],
         ["dt", ["dt", "bfloat16"]],
@@ -60,6 +61,32 @@ def test_tree_encoding_is_pinned():
         ["np", ["N", "<f4", "0000c03f"]],
         ["npi", ["N", "<i2", "feff"]],
     ]]
+
+
+def test_nan_bits_and_wide_ints_are_pinned():
+    neg_nan = struct.unpack("<d", struct.pack("<Q", 0xFFF8000000000000))[0]
+    payload_nan = struct.unpack("<d", struct.pack("<Q", 0x7FF0000000000001))[0]
+    tree, _ = flatten([neg_nan, payload_nan, 2**63 - 1, -(2**63), 2**63, -(2**63) - 1])
+    assert tree == ["L", [
+        ["f", "nan", "fff8000000000000"],
+        ["f", "nan", "7ff0000000000001"],
+        2**63 - 1,
+        -(2**63),
+        ["I", "0x8000000000000000"],
+        ["I", "-0x8000000000000001"],
+    ]]
+    back = unflatten(tree, {})
+    assert [struct.pack("<d", x) for x in back[:2]] == [struct.pack("<d", neg_nan),
+                                                        struct.pack("<d", payload_nan)]
+    assert back[2:] == [2**63 - 1, -(2**63), 2**63, -(2**63) - 1]
+    assert all(type(x) is int for x in back[2:])
+
+
+@pytest.mark.parametrize("node", [["f", "nan", "xyz"], ["f", "nan", 5], ["f", "0xzz"], ["f", 1.5],
+                                  ["I", "12q"], ["I", 7]])
+def test_malformed_float_and_int_nodes_are_refused(node):
+    with pytest.raises(ValueError, match="malformed state tree"):
+        unflatten(node, {})
 
 
 def test_leaves_become_entries_in_tree_order():

@@ -301,8 +301,6 @@ def test_python_and_torch_scalars_roundtrip():
         assert_state_equal(store.load(0), state)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: flatten encodes non-finite floats with repr(), "
-                   "so a nan's payload and sign bit are lost (flatten.py, _Flattener.walk)")
 def test_float_nan_payload_and_sign_survive():
     state = [_NAN_PAYLOAD, _NEG_NAN, -math.nan]
     with memory_store() as store:
@@ -311,9 +309,6 @@ def test_float_nan_payload_and_sign_survive():
     assert [float_bits(x) for x in out] == [float_bits(x) for x in state]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: entry_indices()/_entry_attrs() do not walk an "
-                   "OrderedDict's _metadata tree: save accepts array leaves there, load raises "
-                   "KeyError")
 def test_array_leaves_inside_metadata_roundtrip():
     od = collections.OrderedDict([("w", torch.ones(3))])
     od._metadata = {"": {"version": 1, "blob": b"abc", "t": torch.arange(4)}}
@@ -323,9 +318,6 @@ def test_array_leaves_inside_metadata_roundtrip():
         assert_state_equal(store.load(0), state)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: an int over sys.get_int_max_str_digits() digits "
-                   "makes save() fail with a bare ValueError from json.dumps instead of being "
-                   "stored or refused with UnsupportedValueError naming its path")
 def test_int_with_more_than_4300_digits_is_stored_or_refused_by_path():
     state = {"x": {"huge": 10**5000}}
     with memory_store() as store:

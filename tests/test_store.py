@@ -340,8 +340,10 @@ def test_select_nested_paths_int_keys_and_multiple():
         assert_state_equal(s.load(1, select=["opt/param_groups/0/betas"]),
                            {"opt": {"param_groups": [{"betas": (0.9, 0.999)}]}})
         # a partly selected list keeps only the chosen items, in order
+        # unselected list items become None so kept items keep their index (and path)
         assert_state_equal(s.load(1, select=["layers/2", "layers/0"]),
-                           {"layers": [st_["layers"][0], st_["layers"][2]]})
+                           {"layers": [st_["layers"][0], None, st_["layers"][2]]})
+        assert_state_equal(s.load(1, select=["layers/1"]), {"layers": [None, st_["layers"][1]]})
         # tree order, not select order; the OrderedDict keeps its type and _metadata
         model = collections.OrderedDict([("enc.bias", st_["model"]["enc.bias"])])
         model._metadata = st_["model"]._metadata
@@ -362,9 +364,6 @@ def test_select_unknown_path_raises_path_not_found(bad):
         assert "step 1" in str(ei.value)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: select_tree marks only the first of several "
-                   "select paths that end at the same node: an overlapping selection "
-                   "(['model', 'model/enc.bias']) raises PathNotFoundError")
 def test_select_overlapping_paths():
     st_ = _select_state()
     with mem() as s:
@@ -410,7 +409,7 @@ def test_select_works_when_unselected_blocks_are_damaged():
         out = s.load(1, select=["opt/state/1", "model/enc.bias", "layers/0", "layers/2"])
         assert_state_equal(out["opt"]["state"][1], st_["opt"]["state"][1])
         assert_state_equal(out["model"]["enc.bias"], st_["model"]["enc.bias"])
-        assert_state_equal(out["layers"], [st_["layers"][0], st_["layers"][2]])
+        assert_state_equal(out["layers"], [st_["layers"][0], None, st_["layers"][2]])
         with pytest.raises(deltackpt.CorruptionError):
             s.load(1)
         with pytest.raises(deltackpt.CorruptionError):
