@@ -69,7 +69,7 @@ class _LocalWriter:
         self.name = name
         self._final = backend.path(name)
         self._tmp = self._final + PARTIAL_SUFFIX
-        os.makedirs(os.path.dirname(self._final), exist_ok=True)
+        backend.ensure_dir(os.path.dirname(self._final))
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
         try:
             self._fd = os.open(self._tmp, flags, 0o644)
@@ -139,6 +139,27 @@ class LocalBackend:
 
     def fsync_fd(self, fd: int) -> None:
         os.fsync(fd)
+
+    def ensure_dir(self, directory: str) -> None:
+        """Create ``directory`` (under the root) and any missing parents.
+
+        A new directory's own entry lives in its parent: each parent is marked
+        dirty so that :meth:`sync` makes the whole path durable, not only the file.
+        """
+        if os.path.isdir(directory):
+            return
+        missing = []
+        d = os.path.abspath(directory)
+        while not os.path.isdir(d) and d != self.root and os.path.dirname(d) != d:
+            missing.append(d)
+            d = os.path.dirname(d)
+        for d in reversed(missing):
+            try:
+                os.mkdir(d)
+            except FileExistsError:
+                if not os.path.isdir(d):
+                    raise
+            self.mark_dir_dirty(os.path.dirname(d))
 
     def mark_dir_dirty(self, directory: str) -> None:
         with self._lock:

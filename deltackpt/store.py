@@ -1273,8 +1273,11 @@ def open_store(
         if os.path.isdir(root) and os.listdir(root):
             raise InvalidStoreError(f"{root}: directory exists, is not empty and holds no "
                                     f"{CONFIG_NAME}; refusing to create a store in it")
-        os.makedirs(root, exist_ok=True)
         cfg = _new_config(block_size, hash, level, delta)
+        # the new root's entry (and any new parent's) must be durable too
+        filesystem = LocalBackend(os.path.abspath(os.sep), durable=fsync)
+        filesystem.ensure_dir(os.path.abspath(root))
+        filesystem.sync()
         backend = LocalBackend(root, durable=fsync)
         backend.put(CONFIG_NAME, json.dumps(cfg.to_json(), indent=2).encode() + b"\n")
         backend.sync()

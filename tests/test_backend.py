@@ -236,10 +236,6 @@ def test_local_backend_refuses_to_follow_a_symlinked_object(tmp_path):
         assert f.read() == b"outside the store"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a durable LocalBackend fsyncs only the object's own "
-                   "directory; directories that create()/put() made (packs/, packs/ab/, "
-                   "manifests/) are never fsynced in their parent, so after a power loss a "
-                   "committed pack (and a step the index already commits) can vanish")
 def test_durable_commit_fsyncs_every_directory_it_created(tmp_path):
     root = os.path.join(tmp_path, "root")
     os.makedirs(root)
