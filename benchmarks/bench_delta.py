@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import deltackpt  # noqa: E402
 
 
@@ -88,6 +89,45 @@ def written_by_category(store: deltackpt.Store, step: int) -> dict[str, int]:
     return out
 
 
+def peer_bytes(state: dict[str, torch.Tensor], prev: dict[str, torch.Tensor] | None,
+               block: int = 1 << 20) -> tuple[dict[str, int], dict[str, float]]:
+    """Bytes and seconds of the peers on the same blocks: zipnn standalone, zipnn's
+    delta mode (XOR against the previous checkpoint's block: an unbounded chain, the
+    best case for it) and plain zstd-3. Unchanged blocks cost 0 for everyone (dedup)."""
+    from codec_experiments import zipnn_len, zlen
+
+    sizes = {"zipnn": 0, "zipnn_delta": 0, "zstd3": 0}
+    secs = {"zipnn": 0.0, "zipnn_delta": 0.0, "zstd3": 0.0}
+    for k, t in state.items():
+        raw = t.reshape(-1).contiguous().view(torch.uint8).numpy()
+        base_t = prev.get(k) if prev is not None else None
+        base = (base_t.reshape(-1).contiguous().view(torch.uint8).numpy()
+                if base_t is not None and base_t.shape == t.shape and base_t.dtype == t.dtype
+                else None)
+        w = t.element_size() if t.dtype in (torch.float32, torch.bfloat16) else None
+        for off in range(0, raw.size, block):
+            b = raw[off:off + block]
+            bb = base[off:off + block] if base is not None else None
+            if bb is not None and bytes(b) == bytes(bb):
+                continue
+            t0 = time.perf_counter()
+            z = zlen(b, 3)
+            sizes["zstd3"] += z
+            t1 = time.perf_counter()
+            if w is None:  # zipnn handles float32/bfloat16 only: the rest is zstd-3 for all
+                sizes["zipnn"] += z
+                sizes["zipnn_delta"] += z
+                continue
+            sizes["zipnn"] += zipnn_len(b, w)
+            t2 = time.perf_counter()
+            sizes["zipnn_delta"] += zipnn_len(b, w, bb) if bb is not None else zipnn_len(b, w)
+            t3 = time.perf_counter()
+            secs["zstd3"] += t1 - t0
+            secs["zipnn"] += t2 - t1
+            secs["zipnn_delta"] += t3 - t2
+    return sizes, secs
+
+
 def timed_load(store: deltackpt.Store, step: int, repeat: int) -> float:
     times = []
     for _ in range(repeat):
@@ -116,6 +156,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--peers", action="store_true",
+                    help="also measure zipnn, zipnn's delta mode and zstd-3 on the same blocks")
     ap.add_argument("--workdir", default=None, help="scratch dir (same disk as the stores)")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -127,10 +169,17 @@ def main() -> None:
                                 threads=args.threads) for c in configs}
     rows = {c: [] for c in configs}
     torch_rows = []
+    peer_rows: list[dict] = []
+    prev_flat = None
     last_pt = None
     try:
         for step, f in files:
-            state = nest(load_file(f))
+            flat = load_file(f)
+            if args.peers:
+                psizes, psecs = peer_bytes(flat, prev_flat)
+                peer_rows.append({"step": step, "bytes": psizes, "seconds": psecs})
+            prev_flat = flat
+            state = nest(flat)
             pt = os.path.join(work, f"step_{step}.pt")
             t_torch = fsync_save(state, pt)
             size = os.path.getsize(pt)
@@ -187,10 +236,25 @@ def main() -> None:
                   f"{cat.get('exp_avg', 0):.3f} | {cat.get('exp_avg_sq', 0):.3f} | "
                   f"{r['total_fraction']:.3f} | {r['save_ratio_median']:.2f} | "
                   f"{r['load_latest_ratio']:.2f} | {r['load_old_ratio']:.2f} |")
+        peers = {}
+        if peer_rows:
+            by_step = {r["step"]: r["bytes"] for r in torch_rows}
+            incr = peer_rows[1:] if len(peer_rows) > 1 else peer_rows
+            for name in ("zstd3", "zipnn", "zipnn_delta"):
+                frac = [r["bytes"][name] / by_step[r["step"]] for r in incr]
+                tsave = [r["seconds"][name] for r in incr]
+                peers[name] = {"incremental_fraction_mean": statistics.mean(frac),
+                               "compress_seconds_median": statistics.median(tsave)}
+                print(f"| peer {name} (same blocks, 1 thread) | {statistics.mean(frac):.3f} | | | | "
+                      f"| codec {statistics.median(tsave):.2f}s/ckpt | | |")
+            zd = peers["zipnn_delta"]["incremental_fraction_mean"]
+            for c, r in results.items():
+                print(f"{c}: {r['incremental_fraction_mean'] / zd:.3f}x zipnn-delta's bytes")
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"args": vars(args), "torch": torch_rows, "rows": rows,
-                           "results": results}, f, indent=1)
+                           "results": results, "peers": peers, "peer_rows": peer_rows},
+                          f, indent=1)
     finally:
         for s in stores.values():
             s.close()
