@@ -93,6 +93,13 @@ class CodecConfig:
     level: int = 1
     bytegroup: bool = True
 
+    def __post_init__(self) -> None:
+        # the frame header stores the level as a u8; zstd's negative "fast" levels
+        # do not help byte-grouped floats (docs/codec-experiments.md)
+        if isinstance(self.level, bool) or not isinstance(self.level, int) or \
+                not 1 <= self.level <= 22:
+            raise ValueError(f"zstd level must be an int in [1, 22], got {self.level!r}")
+
     def to_json(self) -> dict:
         return {"level": self.level, "bytegroup": self.bytegroup}
 

@@ -31,6 +31,9 @@ MODES = {"auto": DELTA_XOR, "xor": DELTA_XOR, "sub": DELTA_SUB, "none": DELTA_NO
 #: XOR (docs/codec-experiments.md: 1.7 points in fp32, 11 in bf16)
 _SUB_SUFFIXES = ("exp_avg_sq", "square_avg", "sum", "exp_inf")
 POLICIES = ("chain", "keyframe")
+#: longest delta chain a writer may create and a reader follows; readers treat
+#: longer (or cyclic) chains as corruption. Restore cost grows with every hop.
+MAX_CHAIN_HOPS = 64
 
 
 @dataclass(frozen=True)
@@ -47,8 +50,8 @@ class DeltaConfig:
             raise ValueError(f"unknown delta mode {self.mode_name!r}; use one of {list(MODES)}")
         if self.policy not in POLICIES:
             raise ValueError(f"unknown delta policy {self.policy!r}; use one of {POLICIES}")
-        if not 1 <= self.max_depth <= 1000:
-            raise ValueError(f"max_depth must be in [1, 1000], got {self.max_depth}")
+        if not 1 <= self.max_depth <= MAX_CHAIN_HOPS:
+            raise ValueError(f"max_depth must be in [1, {MAX_CHAIN_HOPS}], got {self.max_depth}")
 
     @property
     def enabled(self) -> bool:

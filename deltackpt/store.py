@@ -24,7 +24,7 @@ import numpy as np
 from . import codec as codec_mod
 from .backend import PARTIAL_SUFFIX, Backend, LocalBackend, MemoryBackend
 from .codec import CodecConfig, FrameInfo
-from .delta import DeltaConfig
+from .delta import MAX_CHAIN_HOPS, DeltaConfig
 from .dtypes import dtype_info
 from .errors import (
     CorruptionError,
@@ -1119,7 +1119,22 @@ class _Decoder:
             raise CorruptionError(f"{label}: frame's delta base differs from the index")
         return frame, info, loc
 
+    def _check_chain(self, bid: bytes, where: str) -> None:
+        """Refuse a cyclic or over-long delta chain before decoding it: a damaged
+        index must fail with CorruptionError, not recurse or wait forever."""
+        seen = {bid}
+        loc = self.locations.get(bid)
+        while loc is not None and loc.base is not None:
+            if loc.base in seen or len(seen) > MAX_CHAIN_HOPS:
+                raise CorruptionError(
+                    f"{self.store.location}: {where}: block {bid.hex()[:12]} has a "
+                    f"{'cyclic' if loc.base in seen else 'too long'} delta chain "
+                    f"(more than {MAX_CHAIN_HOPS} hops)")
+            seen.add(loc.base)
+            loc = self.locations.get(loc.base)
+
     def decode_to(self, bid: bytes, out: np.ndarray, where: str) -> None:
+        self._check_chain(bid, where)
         frame, info, loc = self._frame(bid, where)
         base = None
         if info.base_id is not None:

@@ -706,3 +706,44 @@ def test_lock_timeout_waits_for_the_writer(tmp_path):
     assert 0.2 < time.monotonic() - t0 < 5.0
     assert b.steps() == [1, 2]
     b.close()
+
+
+# -- limits that protect readers from damaged or hostile indexes ------------------------
+@pytest.mark.parametrize("level", [0, -1, 23, 1.5, True])
+def test_zstd_level_is_validated_at_open(tmp_path, level):
+    with pytest.raises(ValueError, match="zstd level"):
+        deltackpt.open(tmp_path / "s", level=level)
+    assert not os.path.exists(tmp_path / "s")
+
+
+def test_delta_depth_is_capped_and_the_longest_chain_loads(tmp_path):
+    with pytest.raises(ValueError, match="max_depth"):
+        deltackpt.open(tmp_path / "x", delta="xor:chain:65")
+    with deltackpt.open(tmp_path / "s", delta="xor:chain:64", block_size=4096) as s:
+        states = [{"w": torch.full((64,), float(i)) + torch.arange(64.0)} for i in range(66)]
+        for i, st_ in enumerate(states):
+            s.save(st_, i)
+        depths = [r[0] for r in s._index.query("SELECT depth FROM blocks")]
+        assert 32 < max(depths) <= 64
+        for i in (0, 64, 65):
+            assert_state_equal(s.load(i), states[i])
+
+
+@pytest.mark.parametrize("damage", ["cycle", "self"])
+def test_cyclic_delta_chain_in_the_index_is_corruption_not_a_hang(tmp_path, damage):
+    with deltackpt.open(tmp_path / "s", delta="xor:chain:8", block_size=4096) as s:
+        s.save({"w": torch.arange(256.0)}, 1)
+        s.save({"w": torch.arange(256.0) + 0.5}, 2)
+        (kf,), (delta,) = (s._index.query("SELECT id FROM blocks WHERE first_step=?", (n,))
+                           for n in (1, 2))
+    import sqlite3
+
+    con = sqlite3.connect(tmp_path / "s" / "index.sqlite")
+    with con:
+        con.execute("UPDATE blocks SET base=? WHERE id=?",
+                    (delta[0] if damage == "cycle" else kf[0], kf[0]))
+    con.close()
+    with deltackpt.open(tmp_path / "s") as s:
+        with pytest.raises(deltackpt.CorruptionError, match="cyclic delta chain"):
+            s.load(2)
+        assert not s.verify().ok
