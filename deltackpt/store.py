@@ -1014,7 +1014,9 @@ class _BaseSource:
             if self._decoder is None:
                 with self._store._index.read() as conn:
                     locations = self._store._locate(conn, set(self._needed))
-                self._decoder = _Decoder(self._store, locations, [], keep_bases=True)
+                # not keep_bases: a save after open decodes the parent's bases from the
+                # packs, and holding them all would cost the size of the changed state
+                self._decoder = _Decoder(self._store, locations, [])
             return self._decoder
 
     def location(self, bid: bytes) -> _Location | None:
@@ -1035,7 +1037,7 @@ class _BaseSource:
         cached = self._store._base_cache.get(bid)
         if cached is not None:
             return cached
-        return self._get_decoder().base(bid)
+        return self._get_decoder().take(bid)
 
     def clear(self) -> None:
         self._decoder = None
@@ -1096,14 +1098,27 @@ class _Decoder:
         self._lock = threading.Lock()
         self._cache: dict[bytes, Future] = {}
         self._refs: dict[bytes, int] = {}
-        self._keep = keep_bases or not block_ids
+        self._keep = keep_bases
+        # A base is released after its last direct user is decoded: one use per block
+        # to decode, plus one per distinct base that is itself a delta (each base is
+        # decoded once, so its own base is used once however many blocks share it).
+        refs = self._refs
+        pending: list[bytes] = []
         for bid in block_ids:
             loc = locations.get(bid)
-            seen = 0
-            while loc is not None and loc.base is not None and seen < 10_000:
-                self._refs[loc.base] = self._refs.get(loc.base, 0) + 1
-                loc = locations.get(loc.base)
-                seen += 1
+            if loc is not None and loc.base is not None:
+                refs[loc.base] = refs.get(loc.base, 0) + 1
+                pending.append(loc.base)
+        expanded: set[bytes] = set()
+        while pending:
+            bid = pending.pop()
+            if bid in expanded or len(expanded) > len(locations):
+                continue
+            expanded.add(bid)
+            loc = locations.get(bid)
+            if loc is not None and loc.base is not None:
+                refs[loc.base] = refs.get(loc.base, 0) + 1
+                pending.append(loc.base)
 
     def _frame(self, bid: bytes, where: str) -> tuple[bytes, FrameInfo, _Location]:
         loc = self.locations.get(bid)
@@ -1165,6 +1180,15 @@ class _Decoder:
             except BaseException as exc:
                 fut.set_exception(exc)
         return fut.result()
+
+    def take(self, bid: bytes, where: str = "delta base") -> np.ndarray:
+        """The decoded base ``bid``, dropped from the cache unless pending blocks need it."""
+        buf = self.base(bid, where)
+        if not self._keep:
+            with self._lock:
+                if self._refs.get(bid, 0) <= 0:
+                    self._cache.pop(bid, None)
+        return buf
 
     def _release(self, bid: bytes) -> None:
         if self._keep:

@@ -747,3 +747,30 @@ def test_cyclic_delta_chain_in_the_index_is_corruption_not_a_hang(tmp_path, dama
         with pytest.raises(deltackpt.CorruptionError, match="cyclic delta chain"):
             s.load(2)
         assert not s.verify().ok
+
+
+def test_first_save_after_open_holds_a_bounded_number_of_decoded_bases(tmp_path, monkeypatch):
+    """The base cache is empty after open, so every base comes from the packs: they must be
+    dropped after use, not held until the save ends (that would cost the changed state)."""
+    from deltackpt import store as store_mod
+
+    n_blocks = 64
+    w = torch.arange(n_blocks * 1024, dtype=torch.float32)
+    with deltackpt.open(tmp_path / "s", block_size=4096, threads=2) as s:
+        s.save({"w": w}, 1)
+    peak = 0
+    real_take = store_mod._Decoder.take
+
+    def take(self, bid, where="delta base"):
+        nonlocal peak
+        out = real_take(self, bid, where)
+        peak = max(peak, len(self._cache))
+        return out
+
+    monkeypatch.setattr(store_mod._Decoder, "take", take)
+    with deltackpt.open(tmp_path / "s", block_size=4096, threads=2) as s:
+        r = s.save({"w": w + 0.5}, 2)
+        assert r.new_chunks == n_blocks
+        assert s.info(2).written_bytes < 0.9 * n_blocks * 4096  # deltas were used
+        assert_state_equal(s.load(2), {"w": w + 0.5})
+    assert 0 < peak <= 8, peak
