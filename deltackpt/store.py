@@ -175,6 +175,10 @@ class Store:
         #: raw bytes of the blocks the next save will use as delta bases
         self._base_cache: dict[bytes, np.ndarray] = {}
         self._base_cache_limit = base_cache_bytes
+        #: per block position (entry path, offset): delta frame size / standalone frame
+        #: size the last time both were tried, so that a position whose delta clearly
+        #: wins is not encoded twice on every save
+        self._delta_hints: dict[tuple[str, int], float] = {}
 
     # -- lifecycle ------------------------------------------------------------
     def close(self) -> None:
@@ -484,13 +488,15 @@ class Store:
                     continue
                 seen.add(bid)
                 todo.append((bid, p.data[a:b], p.width, bases.get((p.leaf.index, a)),
-                             self.config.delta.mode_for(p.leaf.path)))
+                             self.config.delta.mode_for(p.leaf.path), (p.leaf.path, a)))
         base_source = _BaseSource(self, [t[3] for t in todo if t[3] is not None])
         cfg = self.config
+        hints = self._delta_hints
 
-        def encode(job: tuple[bytes, np.ndarray, int, bytes | None, int]):
-            bid, raw, width, base_id, mode = job
-            return _encode_block(bid, raw, width, cfg, base_id, base_source, mode)
+        def encode(job: tuple[bytes, np.ndarray, int, bytes | None, int, tuple[str, int]]):
+            bid, raw, width, base_id, mode, position = job
+            return _encode_block(bid, raw, width, cfg, base_id, base_source, mode,
+                                 hints, position)
 
         new_blocks: dict[bytes, tuple] = {}
         written = 0
@@ -1048,8 +1054,15 @@ class _BaseSource:
 _DELTA_GOOD_ENOUGH = 0.7
 
 
+#: a delta that beat the standalone frame by this margin last time is trusted without
+#: trying the standalone encoding again (re-checked after every keyframe)
+_DELTA_HINT_MARGIN = 0.97
+
+
 def _encode_block(bid: bytes, raw: np.ndarray, width: int, cfg: StoreConfig,
-                  parent_id: bytes | None, bases: _BaseSource, mode: int):
+                  parent_id: bytes | None, bases: _BaseSource, mode: int,
+                  hints: dict[tuple[str, int], float] | None = None,
+                  position: tuple[str, int] | None = None):
     """Encode one new block: as a delta when there is a base and that is smaller."""
     plan = None
     if parent_id is not None:
@@ -1073,8 +1086,14 @@ def _encode_block(bid: bytes, raw: np.ndarray, width: int, cfg: StoreConfig,
     dlen = codec_mod.frame_length(dparts)
     if dlen <= _DELTA_GOOD_ENOUGH * raw.nbytes:
         return dparts, _codec_name(dparts), base_id, depth
+    hint = hints.get(position) if hints is not None and position is not None else None
+    if hint is not None and hint <= _DELTA_HINT_MARGIN and depth > 1:
+        return dparts, _codec_name(dparts), base_id, depth
     parts = codec_mod.encode(raw, bid, width, cfg.codec)
-    if codec_mod.frame_length(parts) <= dlen:
+    slen = codec_mod.frame_length(parts)
+    if hints is not None and position is not None:
+        hints[position] = dlen / max(slen, 1)
+    if slen <= dlen:
         return parts, _codec_name(parts), None, 0
     return dparts, _codec_name(dparts), base_id, depth
 

@@ -774,3 +774,39 @@ def test_first_save_after_open_holds_a_bounded_number_of_decoded_bases(tmp_path,
         assert s.info(2).written_bytes < 0.9 * n_blocks * 4096  # deltas were used
         assert_state_equal(s.load(2), {"w": w + 0.5})
     assert 0 < peak <= 8, peak
+
+
+def test_a_position_whose_delta_clearly_won_is_not_encoded_twice(tmp_path, monkeypatch):
+    """Deltas above the 'good enough' ratio are compared with the standalone frame; a
+    position where the delta won clearly is trusted on later saves until its next keyframe."""
+    from deltackpt import codec as codec_mod
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(64 * 1024, generator=g)
+    states = [w]
+    for _ in range(4):
+        # large relative updates: the XOR residual is ~0.75 of raw (above the 'good
+        # enough' 0.7) and still clearly below the standalone frame (~0.84)
+        states.append(states[-1] * (1 + 0.1 * torch.randn(w.shape, generator=g)))
+    calls = {"standalone": 0, "delta": 0}
+    real = codec_mod.encode
+
+    def counting(raw, bid, width, config, base=None, base_id=None, delta=0):
+        calls["delta" if delta else "standalone"] += 1
+        return real(raw, bid, width, config, base=base, base_id=base_id, delta=delta)
+
+    monkeypatch.setattr(codec_mod, "encode", counting)
+    with deltackpt.open(tmp_path / "s", block_size=64 * 1024, delta="xor:chain:8") as s:
+        per_save = []
+        for i, st_ in enumerate(states):
+            before = dict(calls)
+            s.save({"w": st_}, i)
+            per_save.append({k: calls[k] - before[k] for k in calls})
+        for i, st_ in enumerate(states):
+            assert_state_equal(s.load(i), {"w": st_})
+    blocks = 4
+    assert per_save[0] == {"standalone": blocks, "delta": 0}
+    # depth 1 (first delta after a keyframe): both encodings are tried
+    assert per_save[1] == {"standalone": blocks, "delta": blocks}
+    # later saves trust the delta: no standalone encoding
+    assert per_save[2] == per_save[3] == {"standalone": 0, "delta": blocks}
