@@ -174,6 +174,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--delta", default=None,
                    help="store delta policy, e.g. xor:chain:8 (default: the checkpointer's, "
                         "xor:keyframe:8 when retention deletes steps)")
+    p.add_argument("--no-checkpoint", action="store_true",
+                   help="train without checkpointing (the baseline of benchmarks/bench_overhead.py)")
     args = p.parse_args(argv)
     eval_every = args.eval_every or args.save_every
     if args.threads:
@@ -212,15 +214,17 @@ def main(argv: list[str] | None = None) -> None:
               f"{rec.wait_s * 1e3:.0f} ms, host copy {rec.snapshot_s * 1e3:.0f} ms); "
               f"store.save {rec.save_s:.2f} s{extra}", flush=True)
 
-    ckpt = Checkpointer(args.store, model=model, optimizer=opt, scheduler=sched,
+    ckpt = None if args.no_checkpoint else Checkpointer(args.store, model=model, optimizer=opt, scheduler=sched,
                         every_n_steps=args.save_every, keep_last=args.keep_last,
                         keep_best=("eval_loss", "min", 1), async_save=not args.sync,
                         on_saved=report,
                         store_options={"delta": args.delta} if args.delta else None)
-    ckpt.register("sampler", sampler)
-    ckpt.register("mask_gen", mask_gen)
-    start = ckpt.resume()
-    print(f"resumed from step {start}" if start else "new run (empty store)")
+    start = 0
+    if ckpt is not None:
+        ckpt.register("sampler", sampler)
+        ckpt.register("mask_gen", mask_gen)
+        start = ckpt.resume()
+        print(f"resumed from step {start}" if start else "new run (empty store)")
 
     step, saved = start, True
     t_train = time.perf_counter()
@@ -241,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
             if step % eval_every == 0 or step == args.steps:
                 metrics = {"eval_loss": evaluate(model, eval_ids, tokenizer, args.batch),
                            "train_loss": loss_v}
-            saved = ckpt.step(step, metrics)
+            saved = ckpt.step(step, metrics) if ckpt is not None else False
             step_times.append(time.perf_counter() - ts)
             line = f"step {step:5d}  loss {loss_v:.4f}  lr {sched.get_last_lr()[0]:.2e}"
             if metrics:
@@ -249,12 +253,16 @@ def main(argv: list[str] | None = None) -> None:
             print(line + ("  -> checkpoint" if saved else ""), flush=True)
             if step >= args.steps:
                 break
-    if not saved:  # the final state is always kept: a re-run with the same --steps is a no-op
-        ckpt.save(step)
-    ckpt.close()  # waits for the last save
+    loop_s = time.perf_counter() - t_train
+    if ckpt is not None:
+        if not saved:  # the final state is always kept: a re-run with the same --steps is a no-op
+            ckpt.save(step)
+        ckpt.close()  # waits for the last save
     if step_times:
-        print(f"trained {len(step_times)} steps in {time.perf_counter() - t_train:.1f} s "
+        print(f"trained {len(step_times)} steps in {loop_s:.1f} s "
               f"(mean step {sum(step_times) / len(step_times):.2f} s incl. eval and saves)")
+    if ckpt is None:
+        return
     summary(args.store, ckpt.records, model, opt, sched, sampler, mask_gen)
 
 
