@@ -1,4 +1,4 @@
-"""The command line (deltackpt/cli.py), through click's CliRunner and one real process."""
+"""The command line (deltackpt/cli/), through click's CliRunner and one real process."""
 
 from __future__ import annotations
 
