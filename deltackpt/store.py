@@ -991,6 +991,129 @@ class Store:
         row = self._index.query("SELECT COALESCE(SUM(size), 0) FROM packs")
         return int(row[0][0])
 
+    # -- steps whose frames other processes wrote (deltackpt.dcp) ---------------
+    def commit_external(
+        self,
+        step: int,
+        tree: Any,
+        entries: Sequence[dict[str, Any]],
+        blocks: dict[bytes, tuple[str, int, int, int, str, bytes | None, int]],
+        packs: Sequence[tuple[str, int]],
+        parent: int | None,
+        metrics: dict[str, Any] | None = None,
+        tags: Sequence[str] | None = None,
+        note: str | None = None,
+    ) -> SaveResult:
+        """Commit a step whose frames other processes appended to packs of this store.
+
+        ``entries``: one dict per entry (``idx, path, kind, dtype, shape, nbytes,
+        block_size, blocks`` = the concatenated ids), in ``idx`` order; ``blocks``:
+        the new blocks, id -> (pack, offset, length, raw_len, codec, base, depth) as
+        :meth:`save` records them; ``packs``: ``[(name, size)]`` holding them, already
+        durable. Every new frame header, pack size, block reference and entry size is
+        checked before the manifest and the one transaction that make the step
+        visible, so a lying or crashed writer yields an error, never a bad step.
+        """
+        from .packs import MAX_FRAME_HEADER, PACK_MAGIC
+
+        self._check_open()
+        t0 = time.perf_counter()
+        step = self._step_arg(step)
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        metrics_json = _metrics_json(metrics)
+        tags_list = _tags_list(tags)
+        if note is not None and not isinstance(note, str):
+            raise TypeError("note must be a str or None")
+        where = f"{self.location}: step {step}"
+        tree_json = json.dumps(tree, separators=(",", ":"), allow_nan=False)
+        by_idx = {int(e["idx"]): e for e in entries}
+        if len(by_idx) != len(entries) or sorted(entry_indices(tree)) != sorted(by_idx):
+            raise CorruptionError(f"{where}: the tree and the entries name different indices")
+        with self._mutex:
+            self._check_open()
+            self._become_writer()
+            if step in self:
+                raise StepExistsError(f"{where} already exists; delete it first or save "
+                                      "under another step")
+            sizes = {str(n): int(s) for n, s in packs}
+            for name, size in sizes.items():
+                try:
+                    actual = self.backend.size(name)
+                except FileNotFoundError:
+                    raise CorruptionError(f"{where}: pack {name} is missing") from None
+                if actual != size:
+                    raise CorruptionError(f"{where}: pack {name} has {actual} bytes, its "
+                                          f"writer reported {size}")
+            for bid, (pack, off, length, raw, _codec, base, _depth) in blocks.items():
+                label = f"{where}: block {bid.hex()[:12]} at {pack}@{off}"
+                if pack not in sizes or off < len(PACK_MAGIC) or off + length > sizes[pack]:
+                    raise CorruptionError(f"{label}: outside the packs of this step")
+                head = self.backend.read(pack, off, min(MAX_FRAME_HEADER, length))
+                info = codec_mod.parse_header(head, label, max_raw=raw)
+                if (info.block_id, info.base_id or None, info.raw_len, info.frame_len) != \
+                        (bid, base, raw, length):
+                    raise CorruptionError(f"{label}: the frame differs from what its writer "
+                                          "reported")
+            wanted = {b for e in entries for b in unpack_ids(e["blocks"])}
+            wanted.update(v[5] for v in blocks.values() if v[5] is not None)
+            raw_lens = {bid: v[3] for bid, v in blocks.items()}
+            for batch in chunked([b for b in wanted if b not in blocks], 500):
+                marks = ",".join("?" * len(batch))
+                raw_lens.update(self._index.query(
+                    f"SELECT id, raw_len FROM blocks WHERE id IN ({marks})", batch))
+            for e in entries:
+                ids = unpack_ids(e["blocks"])
+                missing = [b for b in ids if b not in raw_lens]
+                if missing:
+                    raise CorruptionError(f"{where}, entry '{e['path']}': block "
+                                          f"{missing[0].hex()[:12]} is neither new nor stored")
+                if sum(raw_lens[b] for b in ids) != e["nbytes"]:
+                    raise CorruptionError(f"{where}, entry '{e['path']}': blocks do not add "
+                                          f"up to its {e['nbytes']} bytes")
+            for bid, v in blocks.items():
+                if v[5] is not None and v[5] not in raw_lens:
+                    raise CorruptionError(f"{where}: delta base {v[5].hex()[:12]} of block "
+                                          f"{bid.hex()[:12]} is not stored")
+            created = time.time()
+            manifest = manifest_name(step)
+            rows = [(step, int(e["idx"]), e["path"], e["kind"], e["dtype"],
+                     json.dumps(list(e["shape"])), int(e["nbytes"]), int(e["block_size"]),
+                     bytes(e["blocks"])) for e in sorted(entries, key=lambda e: int(e["idx"]))]
+            payload = {
+                "manifest_version": MANIFEST_VERSION, "step": step, "created_at": created,
+                "metrics": json.loads(metrics_json), "tags": tags_list, "note": note,
+                "parent": parent, "tree": tree,
+                "entries": [{"idx": r[1], "path": r[2], "kind": r[3], "dtype": r[4],
+                             "shape": json.loads(r[5]), "nbytes": r[6], "block_size": r[7],
+                             "blocks": r[8].hex()} for r in rows],
+            }
+            self.backend.put(manifest, encode_manifest(payload))
+            self.backend.sync()
+            logical = sum(r[6] for r in rows)
+            total = sum(len(r[8]) // ID_SIZE for r in rows)
+            written = sum(v[2] for v in blocks.values())
+            with self._index.write() as conn:
+                pack_ids = {name: conn.execute(
+                    "INSERT INTO packs(name, size, created_at) VALUES (?, ?, ?)",
+                    (name, size, created)).lastrowid for name, size in sizes.items()}
+                conn.executemany(
+                    "INSERT INTO blocks(id, pack_id, offset, length, raw_len, codec, base, "
+                    "depth, first_step) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(bid, pack_ids[pk], off, ln, raw, cd, base, depth, step)
+                     for bid, (pk, off, ln, raw, cd, base, depth) in blocks.items()])
+                conn.execute(
+                    "INSERT INTO steps(step, created_at, metrics, tags, note, tree, "
+                    "logical_bytes, written_bytes, new_chunks, total_chunks, parent, manifest) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (step, created, metrics_json, json.dumps(tags_list), note, tree_json,
+                     logical, written, len(blocks), total, parent, manifest))
+                conn.executemany(
+                    "INSERT INTO entries(step, idx, path, kind, dtype, shape, nbytes, "
+                    "block_size, blocks) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            return SaveResult(step, logical, written, len(blocks), total,
+                              time.perf_counter() - t0)
+
 
 class PathNotFoundError(DeltackptError, KeyError):
     """A ``select`` path names nothing in the step."""

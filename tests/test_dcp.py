@@ -1,0 +1,410 @@
+"""deltackpt.dcp: torch.distributed.checkpoint storage plugins.
+
+Single-process cases run DCP with ``no_dist=True``; the multi-rank cases spawn gloo
+process groups on the CPU with an FSDP2 (``fully_shard``) model, save on 4 ranks
+and on 2, and load every saved step bit-exact on 4, 2 and 1 ranks.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.multiprocessing as mp
+from click.testing import CliRunner
+from helpers import assert_state_equal, block_rows, det_floats, det_tensor, entry_block_ids
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.api import CheckpointException
+
+import deltackpt
+from deltackpt.cli import main as cli_main
+from deltackpt.dcp import META_KEY, StorageReader, StorageWriter, chunk_key, load_full
+from deltackpt.errors import CorruptionError, InvalidStoreError, StepExistsError
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+
+
+def _cause(exc: CheckpointException) -> BaseException:
+    """The rank's own exception inside DCP's CheckpointException."""
+    failure = next(iter(exc.failures.values()))  # WRAPPED_EXCEPTION: (exc, traceback)
+    return failure if isinstance(failure, BaseException) else failure[0]
+
+
+def _state(seed: int) -> dict:
+    return {
+        "model": {
+            "w": det_floats((300, 257), seed),               # 17 blocks of 4 KiB at block 4096
+            "b": det_tensor(torch.bfloat16, (257,), seed),
+            "ids": det_tensor(torch.int64, (5, 3), seed),
+            "mask": det_tensor(torch.bool, (7,), seed),
+            "empty": torch.empty(0, 4),
+            "scalar": torch.tensor(3.5, dtype=torch.float64),
+        },
+        "extra": {"lr": 0.25, "name": "run-1", "betas": (0.9, 0.999)},
+    }
+
+
+def _save(path, state, step, **kw):
+    w = StorageWriter(path, step=step, threads=1, block_size=4096, **kw)
+    with w:
+        dcp.save(state, storage_writer=w, no_dist=True)
+    return w.last_result
+
+
+# -- single process -------------------------------------------------------------------
+def test_roundtrip_bit_exact_and_incremental(store_path):
+    state = _state(1)
+    r1 = _save(store_path, state, 10, metrics={"loss": 1.5}, tags=["dcp"])
+    assert r1.new_chunks == r1.total_chunks
+    state["model"]["w"][1:3] += 1.0        # bytes 1028..3084: one 4 KiB block
+    r2 = _save(store_path, state, 20)
+    assert r2.new_chunks == 1 and r2.total_chunks == r1.total_chunks
+
+    target = _state(99)
+    dcp.load(target, storage_reader=StorageReader(store_path, step=20), no_dist=True)
+    assert_state_equal(target, state)       # bytes, dtype, shape; non-tensors via DCP
+    with deltackpt.open(store_path) as s:
+        assert s.steps() == [10, 20]
+        assert s.info(10).metrics == {"loss": 1.5} and s.info(10).tags == ["dcp"]
+        assert s.info(20).parent == 10
+        ids10, ids20 = entry_block_ids(s, 10), entry_block_ids(s, 20)
+        changed = [i for i, (a, b) in enumerate(zip(ids10["model.w"], ids20["model.w"]))
+                   if a != b]
+        assert len(changed) == 1
+        new = [r for r in block_rows(s) if r["first_step"] == 20]
+        assert len(new) == 1 and new[0]["base"] == ids10["model.w"][changed[0]]  # a delta
+        assert not s.verify().problems
+
+
+def test_load_full_and_plain_store_load(store_path):
+    state = _state(2)
+    _save(store_path, state, 1)
+    full = load_full(store_path)
+    flat = dcp_flat(state)
+    assert list(full) == list(flat)
+    for k, v in flat.items():
+        if isinstance(v, torch.Tensor):
+            assert_state_equal(full[k], v)
+        else:  # the torch.save bytes DCP made; never unpickled by deltackpt
+            assert isinstance(full[k], bytes)
+            assert torch.load(io.BytesIO(full[k]), weights_only=True) == v
+    with deltackpt.open(store_path) as s:
+        plain = s.load(1)
+    assert set(plain) == {META_KEY, *flat}   # whole-tensor chunks keep their names
+    assert_state_equal(plain["model.w"], state["model"]["w"])
+
+
+def dcp_flat(state: dict) -> dict:
+    """DCP's flattened view: 'a.b' keys, tuples kept as values."""
+    out = {}
+    for top, sub in state.items():
+        for k, v in sub.items():
+            out[f"{top}.{k}"] = v
+    return out
+
+
+def test_restore_cli_and_reindex(store_path, tmp_path):
+    state = _state(3)
+    _save(store_path, state, 5)
+    out = tmp_path / "out.safetensors"
+    r = CliRunner().invoke(cli_main, ["restore", store_path, "5", "-o", str(out)],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    got = load_file(str(out))
+    assert_state_equal(got["model.w"], state["model"]["w"])
+    before = load_full(store_path, 5)
+    os.remove(os.path.join(store_path, "index.sqlite"))
+    for suffix in ("-wal", "-shm"):
+        if os.path.exists(os.path.join(store_path, "index.sqlite" + suffix)):
+            os.remove(os.path.join(store_path, "index.sqlite" + suffix))
+    from deltackpt.reindex import reindex
+
+    reindex(store_path)  # the manifest a DCP commit writes rebuilds the index
+    assert_state_equal(load_full(store_path, 5), before)
+
+
+def test_existing_step_and_non_dcp_step_refused(store_path):
+    _save(store_path, _state(4), 1)
+    with pytest.raises(CheckpointException) as ei:
+        _save(store_path, _state(5), 1)
+    assert isinstance(_cause(ei.value), StepExistsError)
+    with deltackpt.open(store_path) as s:
+        s.save({"w": torch.ones(3)}, step=2)
+    with pytest.raises(InvalidStoreError, match="not saved through deltackpt.dcp"):
+        load_full(store_path, 2)
+
+
+class _LyingWriter(StorageWriter):
+    """Reports a frame at the wrong offset: the coordinator must refuse the step."""
+
+    def write_data(self, plan, planner):
+        results = super().write_data(plan, planner).value()
+        for wr in results:
+            for bid, loc in list(wr.storage_data["blocks"].items()):
+                wr.storage_data["blocks"][bid] = (loc[0], loc[1] + 1, *loc[2:])
+        fut = torch.futures.Future()
+        fut.set_result(results)
+        return fut
+
+
+class _FailingWriter(StorageWriter):
+    """Writes its packs, then fails like a rank dying before it reports."""
+
+    def write_data(self, plan, planner):
+        super().write_data(plan, planner)
+        raise RuntimeError("rank died")
+
+
+def test_bad_reports_and_failed_ranks_commit_nothing(store_path):
+    _save(store_path, _state(6), 1)
+    for cls, want in ((_LyingWriter, CorruptionError), (_FailingWriter, RuntimeError)):
+        w = cls(store_path, step=2, threads=1)
+        with w, pytest.raises(CheckpointException) as ei:
+            dcp.save(_state(7), storage_writer=w, no_dist=True)
+        assert isinstance(_cause(ei.value), want), _cause(ei.value)
+    with deltackpt.open(store_path) as s:
+        assert s.steps() == [1]
+        assert s.gc().objects_deleted >= 2    # the packs both failed saves left
+        assert not s.verify().problems
+    _save(store_path, _state(7), 2)           # the step number is still free
+    assert_state_equal(load_full(store_path, 2)["model.b"], _state(7)["model"]["b"])
+
+
+def test_metadata_is_json_not_pickle(store_path):
+    _save(store_path, _state(8), 3)
+    with deltackpt.open(store_path) as s:
+        tree_json = s._index.query("SELECT tree FROM steps WHERE step=3")[0][0]
+    assert "planner_data" in tree_json and "model.w" in tree_json
+    meta = StorageReader(store_path, step=3).read_metadata()
+    md = meta.state_dict_metadata["model.w"]
+    assert md.size == torch.Size([300, 257]) and md.properties.dtype == torch.float32
+    assert meta.planner_data["model.w"] == ("model", "w")
+    assert meta.storage_data[next(iter(meta.storage_data))] == "model.w"
+
+
+def test_chunk_key():
+    assert chunk_key("a.w", [0, 0], [4, 2], [4, 2]) == "a.w"
+    assert chunk_key("a.w", [2, 0], [2, 2], [4, 2]) == "a.w#chunk(2,0)"
+    assert chunk_key("a.w", [0, 0], [2, 2], [4, 2]) == "a.w#chunk(0,0)"
+
+
+# -- multi-process (gloo, FSDP2) ------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _init(rank: int, world: int, port: int) -> None:
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def _model(world: int, seed: int):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(seed)
+    m = torch.nn.Sequential(torch.nn.Embedding(64, 32), torch.nn.Linear(32, 257),
+                            torch.nn.GELU(), torch.nn.Linear(257, 31))
+    m[0].weight.requires_grad_(False)     # frozen: its shards must never be rewritten
+    if world > 1:
+        mesh = init_device_mesh("cpu", (world,))
+        for layer in (m[0], m[1], m[3]):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(m, mesh=mesh)
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
+    return m, opt
+
+
+def _train(m, opt, step: int) -> None:
+    g = torch.Generator().manual_seed(step)
+    x = torch.randint(0, 64, (16,), generator=g)
+    m(x).square().mean().backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def _full(state, prefix: str = "") -> dict:
+    """Every tensor of a (possibly sharded) state dict as a full CPU tensor, by path."""
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for k, v in state.items():
+        path = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_full(v, path + "/"))
+        elif isinstance(v, DTensor):
+            out[path] = v.full_tensor().detach().clone()
+        elif isinstance(v, torch.Tensor):
+            out[path] = v.detach().clone()
+    return out
+
+
+def _others(state) -> dict:
+    return {"groups": state["optim"]["param_groups"], "meta": state["meta"]}
+
+
+def _check_loaded(store: str, step: int, world: int, expected_file: str, others) -> None:
+    """Load ``step`` into a fresh model sharded over ``world`` ranks; compare bit-exact."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    m, opt = _model(world, seed=1234)
+    msd, osd = get_state_dict(m, opt)
+    state = {"model": msd, "optim": osd, "meta": {"step": -1}}
+    with StorageReader(store, step=step, threads=1) as reader:
+        dcp.load(state, storage_reader=reader, no_dist=world == 1)
+    set_state_dict(m, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    msd, osd = get_state_dict(m, opt)
+    got = _full({"model": msd, "optim": osd})
+    if dist.get_rank() == 0 or world == 1:
+        want = load_file(expected_file)
+        assert sorted(got) == sorted(want)
+        for k in want:
+            assert_state_equal(got[k], want[k], k)
+        assert state["meta"] == {"step": step}
+        assert_state_equal(state["optim"]["param_groups"], others["groups"])
+
+
+def _save_run(rank: int, world: int, store: str, out: str, steps: list[int]) -> dict:
+    """Train, saving every other step (one of them with dcp.async_save)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    m, opt = _model(world, seed=0)
+    writer = StorageWriter(store, threads=1, block_size=4096)
+    others = {}
+    for step in range(1, max(steps) + 1):
+        _train(m, opt, step)
+        if step not in steps:
+            continue
+        msd, osd = get_state_dict(m, opt)
+        state = {"model": msd, "optim": osd, "meta": {"step": step}}
+        if step == steps[1]:
+            dcp.async_save(state, storage_writer=writer, checkpoint_id=step).result()
+        else:
+            dcp.save(state, storage_writer=writer, checkpoint_id=step)
+        full = _full({"model": msd, "optim": osd})
+        if rank == 0:
+            save_file(full, os.path.join(out, f"{world}-{step}.safetensors"))
+            others[step] = _others(state)
+            assert writer.last_result.step == step
+    writer.close()
+    if rank == 0:
+        _check_store(store, world, steps)
+    dist.barrier()
+    return others
+
+
+def _check_store(store: str, world: int, steps: list[int]) -> None:
+    with deltackpt.open(store) as s:
+        assert s.steps() == steps
+        first, last = steps[0], steps[-1]
+        ids_first, ids_last = entry_block_ids(s, first), entry_block_ids(s, last)
+        rows = {r["id"]: r for r in block_rows(s)}
+        frozen = [p for p in ids_last if p.startswith("model.0.weight")]
+        assert len(frozen) == world                       # one chunk per rank
+        for p in frozen:                                  # unchanged shards: not rewritten
+            assert ids_last[p] == ids_first[p]
+        for p in [p for p in ids_last if p.startswith("model.1.weight")]:
+            new = [rows[b] for b in ids_last[p] if rows[b]["first_step"] == last]
+            assert new and any(r["base"] is not None for r in new), p  # deltas, every rank
+        new_packs = {r["pack"] for r in rows.values() if r["first_step"] == last}
+        assert len(new_packs) == world                    # each rank wrote its own pack
+        info = s.info(last)
+        assert 0 < info.new_chunks < info.total_chunks
+        assert not s.verify().problems
+
+
+def _world4(rank: int, world: int, port: int, root: str) -> None:
+    _init(rank, world, port)
+    store = os.path.join(root, "s4")
+    others = _save_run(rank, world, store, root, [2, 4, 6])
+    for step in (4, 6):
+        _check_loaded(store, step, world, os.path.join(root, f"4-{step}.safetensors"),
+                      others.get(step))
+    if rank == 0:   # one process, no process group: 4 -> 1
+        _check_loaded(store, 6, 1, os.path.join(root, "4-6.safetensors"), others[6])
+        _save_others(root, "4", others)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _world2(rank: int, world: int, port: int, root: str) -> None:
+    _init(rank, world, port)
+    store = os.path.join(root, "s2")
+    others = _save_run(rank, world, store, root, [2, 4, 6])
+    _check_loaded(store, 6, world, os.path.join(root, "2-6.safetensors"), others.get(6))
+    if rank == 0:                                                   # 2 -> 1
+        _check_loaded(store, 6, 1, os.path.join(root, "2-6.safetensors"), others[6])
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _world2_load4(rank: int, world: int, port: int, root: str) -> None:
+    _init(rank, world, port)
+    others4 = _load_others(root, "4")
+    _check_loaded(os.path.join(root, "s4"), 6, world, os.path.join(root, "4-6.safetensors"),
+                  others4[6])                                       # 4 -> 2
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _save_others(root: str, tag: str, others: dict) -> None:
+    # plain values only (param_groups hold floats, bools, None, str lists): deltackpt
+    # stores them without pickle
+    with deltackpt.open(os.path.join(root, f"others-{tag}")) as s:
+        s.save({str(k): v for k, v in others.items()}, step=0)
+
+
+def _load_others(root: str, tag: str) -> dict:
+    with deltackpt.open(os.path.join(root, f"others-{tag}")) as s:
+        return {int(k): v for k, v in s.load(0).items()}
+
+
+def _spawn(fn, world: int, root: str) -> None:
+    mp.spawn(fn, args=(world, _free_port(), root), nprocs=world, join=True)
+
+
+def _check_reassembled(root: str, store: str, step: int, world: int) -> None:
+    """The main process, no torch.distributed at all: the chunks reassemble."""
+    full = load_full(os.path.join(root, store), step)
+    want = load_file(os.path.join(root, f"{world}-{step}.safetensors"))
+    assert_state_equal(full["model.1.weight"], want["model/1.weight"])
+    assert_state_equal(full["optim.state.3.weight.exp_avg_sq"],
+                       want["optim/state/3.weight/exp_avg_sq"])
+    with deltackpt.open(os.path.join(root, store)) as s:
+        paths = [e.path for e in s.entries(step)]
+    assert sum(p.startswith("model.1.weight#chunk(") for p in paths) == world
+
+
+def test_fsdp2_two_ranks_save_and_load_on_2_and_1(tmp_path):
+    root = str(tmp_path)
+    _spawn(_world2, 2, root)
+    _check_reassembled(root, "s2", 6, 2)
+
+
+@pytest.mark.stress  # ~20 s on an idle 2-core machine: six more processes importing torch
+def test_fsdp2_four_ranks_save_and_load_on_4_2_1(tmp_path):
+    root = str(tmp_path)
+    _spawn(_world4, 4, root)
+    _spawn(_world2_load4, 2, root)
+    _check_reassembled(root, "s4", 6, 4)
+
+
+def test_rank_local_metadata_mode_and_missing_step_refused(store_path):
+    from deltackpt.errors import DeltackptError, StepNotFoundError
+
+    with pytest.raises(DeltackptError, match="use_collectives"):
+        dcp.save(_state(9), storage_writer=StorageWriter(store_path, step=1),
+                 no_dist=True, use_collectives=False)
+    _save(store_path, _state(9), 1)
+    with pytest.raises(StepNotFoundError):
+        load_full(store_path, 2)
