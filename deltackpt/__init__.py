@@ -20,6 +20,7 @@ from .errors import (
     CorruptionError,
     DeltackptError,
     FormatVersionError,
+    InvalidInputError,
     InvalidStoreError,
     StepExistsError,
     StepNotFoundError,
@@ -27,6 +28,7 @@ from .errors import (
     StoreLockedError,
     UnsupportedValueError,
 )
+from .export import ExportResult
 from .results import EntryInfo, GcResult, SaveResult, StepInfo, VerifyResult
 from .retention import KeepBest, KeepEvery, KeepLast, RetentionPolicy, prune
 from .store import PathNotFoundError, Store, open_store
@@ -48,8 +50,10 @@ __all__ = [
     "DeltaConfig",
     "DeltackptError",
     "EntryInfo",
+    "ExportResult",
     "FormatVersionError",
     "GcResult",
+    "InvalidInputError",
     "InvalidStoreError",
     "LocalBackend",
     "MemoryBackend",

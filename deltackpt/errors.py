@@ -52,6 +52,15 @@ class BackgroundSaveError(DeltackptError, RuntimeError):
     """A background (async) save failed; raised at the next call on the checkpointer."""
 
 
+class InvalidInputError(DeltackptError, ValueError):
+    """An input cannot be used as asked: a malformed file to import, steps whose entries
+    cannot be averaged together, an unwritable export; names the file, step or path."""
+
+
+class CheckpointDirError(DeltackptError, ValueError):
+    """A framework checkpoint directory cannot be ingested or materialized (deltackpt.hf)."""
+
+
 #: CLI exit codes, one per error class; the most specific class wins.
 EXIT_CODES: dict[type[BaseException], int] = {
     StepNotFoundError: 3,

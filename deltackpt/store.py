@@ -14,7 +14,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -1114,6 +1114,46 @@ class Store:
             return SaveResult(step, logical, written, len(blocks), total,
                               time.perf_counter() - t0)
 
+    # -- export / import / average (deltackpt.export, .importer, .average) ------
+    def iter_entries(self, step: int | None = None, select: Sequence[str] | str | None = None,
+                     ) -> Iterator[tuple[str, Any]]:
+        """(path, CPU value) for each array entry of ``step`` (default: latest), decoded a
+        window at a time, not the whole step; see :func:`deltackpt.export.iter_entries`."""
+        from .export import iter_entries
+
+        return iter_entries(self, step, select)
+
+    def export(self, out: str | os.PathLike, step: int | None = None,
+               select: Sequence[str] | str | None = "model", *,
+               max_shard_size: int | str | None = None,
+               metadata: dict[str, str] | None = None, quiet: bool = True) -> Any:
+        """Write ``step`` as .safetensors, a sharded directory or .pt and return an
+        ``ExportResult``; see :func:`deltackpt.export.export`."""
+        from .export import export
+
+        return export(self, out, step, select, max_shard_size=max_shard_size,
+                      metadata=metadata, quiet=quiet)
+
+    def import_file(self, source: str | os.PathLike, step: int, *, prefix: str | None = None,
+                    nest_keys: bool = True, metrics: dict[str, Any] | None = None,
+                    tags: Sequence[str] | None = None, note: str | None = None) -> SaveResult:
+        """Store a .safetensors file, sharded directory or .pt file as ``step``; see
+        :func:`deltackpt.importer.import_file`."""
+        from .importer import import_file
+
+        return import_file(self, source, step, prefix=prefix, nest_keys=nest_keys,
+                           metrics=metrics, tags=tags, note=note)
+
+    def average(self, steps: Sequence[int], select: Sequence[str] | str | None = "model", *,
+                ema: float | None = None, save_as: int | None = None,
+                metrics: dict[str, Any] | None = None, tags: Sequence[str] | None = None,
+                note: str | None = None) -> Any:
+        """Mean (or EMA) of ``steps``' selection, optionally saved as step ``save_as``; see
+        :func:`deltackpt.average.average`."""
+        from .average import average
+
+        return average(self, steps, select, ema=ema, save_as=save_as, metrics=metrics,
+                       tags=tags, note=note)
 
 class PathNotFoundError(DeltackptError, KeyError):
     """A ``select`` path names nothing in the step."""

@@ -1,0 +1,161 @@
+"""Checkpoint averaging (mean and EMA) against plain-torch references, bit for bit."""
+
+from __future__ import annotations
+
+import collections
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from helpers import assert_state_equal, det_floats, det_tensor, tensor_bytes
+from safetensors.torch import load_file
+
+import deltackpt
+from deltackpt.average import accumulation_dtype
+from deltackpt.cli import main
+
+pytestmark = pytest.mark.filterwarnings("ignore:ComplexHalf support")
+
+FLOATS = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.float8_e4m3fn,
+          torch.complex64]
+
+
+def _state(k: int) -> dict:
+    """Step k of a fake run: every float entry drifts, ints and bools change too."""
+    m = collections.OrderedDict()
+    m["big"] = det_floats((3000,), 1) + 0.01 * k * det_floats((3000,), 2)  # 3 blocks
+    for i, dt in enumerate(FLOATS):
+        base = det_floats((40,), 10 + i) * (1 + 0.1 * k)
+        m[f"w.{dt}"] = base.to(dt) if not dt.is_complex else torch.complex(base, -base).to(dt)
+    m["scalar"] = torch.tensor(1.0 + k / 3, dtype=torch.bfloat16)
+    m["empty"] = torch.empty(0, 3, dtype=torch.float16)
+    m["count"] = torch.tensor(100 + k)
+    m["mask"] = det_tensor(torch.bool, (17,), k)
+    m["param"] = torch.nn.Parameter(det_floats((9,), 30) * k, requires_grad=False)
+    m["np"] = (np.arange(6, dtype=np.float32) * (k + 0.3)).astype(np.float32)
+    return {"model": m, "step": k, "lr": 0.1 / (k + 1), "blob": bytes([k]) * 3}
+
+
+@pytest.fixture
+def run(store_path):
+    s = deltackpt.open(store_path, block_size=4096)
+    for k in (1, 2, 3, 4):
+        s.save(_state(k), 100 * k)
+    yield s
+    s.close()
+
+
+def _ref(values: list, ema: float | None) -> torch.Tensor:
+    """The documented arithmetic, written with whole tensors in plain torch."""
+    dt = values[0].dtype
+    acc_dt = accumulation_dtype(dt)
+    acc = values[0].to(acc_dt)
+    for x in values[1:]:
+        acc = acc + x.to(acc_dt) if ema is None else acc * ema + x.to(acc_dt) * (1.0 - ema)
+    if ema is None:
+        acc = acc / len(values)
+    return acc.to(dt)
+
+
+def _check(result: dict, steps: list[int], ema: float | None) -> None:
+    states = [_state(s // 100) for s in steps]
+    m = result["model"]
+    assert list(m) == list(states[-1]["model"])
+    for key, last in states[-1]["model"].items():
+        got = m[key]
+        if isinstance(last, np.ndarray):
+            want = _ref([torch.from_numpy(s["model"][key]) for s in states], ema).numpy()
+            assert got.dtype == want.dtype and got.tobytes() == want.tobytes(), key
+            continue
+        if last.dtype.is_floating_point or last.dtype.is_complex:
+            want = _ref([s["model"][key].detach() for s in states], ema)
+        else:
+            want = last  # integer / bool entries: the last step's
+        assert type(got) is type(last), key
+        assert got.dtype == want.dtype and got.shape == want.shape, key
+        assert torch.equal(tensor_bytes(got), tensor_bytes(want)), key
+    # everything else comes from the last step
+    assert result["step"] == states[-1]["step"] and result["lr"] == states[-1]["lr"]
+    assert result["blob"] == states[-1]["blob"]
+
+
+def test_mean_matches_torch_reference_bit_for_bit(run):
+    steps = [100, 300, 400]
+    got = run.average(steps, select=None)
+    _check(got, steps, None)
+    # it is a real average: differs from every input where inputs differ
+    assert not torch.equal(got["model"]["big"], _state(4)["model"]["big"])
+
+
+def test_ema_matches_torch_reference_and_depends_on_order(run):
+    got = run.average([100, 200, 300, 400], select=None, ema=0.9)
+    _check(got, [100, 200, 300, 400], 0.9)
+    rev = run.average([400, 300, 200, 100], select=None, ema=0.9)
+    _check(rev, [400, 300, 200, 100], 0.9)
+    assert not torch.equal(rev["model"]["big"], got["model"]["big"])
+
+
+def test_select_and_save_as(run):
+    state = run.average([200, 400], ema=0.5, save_as=500)
+    assert set(state) == {"model"}
+    _check({**state, "step": 4, "lr": 0.1 / 5, "blob": bytes([4]) * 3}, [200, 400], 0.5)
+    assert_state_equal(run.load(500, map_location="cpu"), state)
+    assert run.info(500).note == "EMA (decay 0.5) of steps 200, 400"
+    one = run.average([300], select="model/big")
+    assert torch.equal(one["model"]["big"], _state(3)["model"]["big"])
+
+
+def test_averaging_refuses_what_it_cannot_do(run):
+    run.save({"model": {"big": torch.zeros(5)}}, 900)
+    run.save({"model": {"other": torch.zeros(5)}}, 901)
+    cases = [
+        (dict(steps=[100, 900]), deltackpt.InvalidInputError, "'model/big'.*step 900"),
+        (dict(steps=[901, 100]), deltackpt.InvalidInputError, "step 901 has no entry 'model/big'"),
+        (dict(steps=[100, 100]), deltackpt.InvalidInputError, "twice"),
+        (dict(steps=[]), deltackpt.InvalidInputError, "at least one"),
+        (dict(steps=[100, 200], ema=1.5), deltackpt.InvalidInputError, "decay"),
+        (dict(steps=[100, 250]), deltackpt.StepNotFoundError, "step 250"),
+        (dict(steps=[100, 200], save_as=300), deltackpt.StepExistsError, "step 300"),
+        (dict(steps=[100, 200], select="nope"), deltackpt.PathNotFoundError, "nope"),
+    ]
+    for kw, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            run.average(**kw)
+    assert run.steps() == [100, 200, 300, 400, 900, 901]
+
+
+def test_cli_average(run, store_path, tmp_path):
+    run.close()
+    runner = CliRunner()
+    out = tmp_path / "avg.safetensors"
+    r = runner.invoke(main, ["average", store_path, "--steps", "100,200,400", "-o", str(out),
+                             "--save-step", "1000"])
+    assert r.exit_code == 0, r.output
+    assert "saved the mean of steps 100,200,400 as step 1000" in r.stderr
+    tensors = load_file(out)
+    want = _ref([_state(k)["model"]["big"] for k in (1, 2, 4)], None)
+    assert torch.equal(tensor_bytes(tensors["big"]), tensor_bytes(want))
+    r = runner.invoke(main, ["average", store_path, "--steps", "100, 200", "--ema", "0.99",
+                             "--select", "model/big", "-o", str(tmp_path / "ema.pt"), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["files"] == [str(tmp_path / "ema.pt")]
+    ema_w = torch.load(tmp_path / "ema.pt", weights_only=True)
+    assert torch.equal(tensor_bytes(ema_w), tensor_bytes(
+        _ref([_state(k)["model"]["big"] for k in (1, 2)], 0.99)))
+    cases = [
+        (["average", store_path, "--steps", "100,x", "-o", str(out)], 2, "comma-separated"),
+        (["average", store_path, "--steps", "100,200"], 2, "-o OUT"),
+        (["average", store_path, "--steps", "100,250", "-o", str(out)], 3, "step 250"),
+        (["average", store_path, "--steps", "100,200", "--ema", "2", "-o", str(out)], 2,
+         "[0, 1]"),
+        (["average", store_path, "--steps", "100,200", "-o", str(tmp_path / "a.txt")], 2,
+         ".safetensors or .pt"),
+        (["average", store_path, "--steps", "100,200", "--save-step", "1000"], 4,
+         "already exists"),
+    ]
+    for args, code, msg in cases:
+        r = runner.invoke(main, args)
+        assert r.exit_code == code, (args, r.output)
+        assert msg in r.output, (args, r.output)
