@@ -23,7 +23,7 @@ import threading
 from collections import OrderedDict
 from typing import Protocol, runtime_checkable
 
-from .errors import CorruptionError, InvalidStoreError
+from .errors import CorruptionError, InvalidStoreError, StorageError
 
 _COMPONENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 PARTIAL_SUFFIX = ".partial"
@@ -98,10 +98,15 @@ class _LocalWriter:
             raise FileExistsError(errno.EEXIST, "object exists", self._final)
         try:
             if self._backend.durable:
-                self._backend.fsync_fd(self._fd)
-        finally:
+                self._backend._fsync(self._fd, self._tmp)
+        except BaseException:
+            # its bytes may never reach the disk: never commit it (it is unreferenced)
             os.close(self._fd)
             self._done = True
+            _unlink_quietly(self._tmp)
+            raise
+        os.close(self._fd)
+        self._done = True
         os.rename(self._tmp, self._final)
         self._backend.mark_dir_dirty(os.path.dirname(self._final))
 
@@ -132,6 +137,11 @@ class LocalBackend:
         self._fds: OrderedDict[str, int] = OrderedDict()
         self._lock = threading.Lock()
         self._max_open = max_open
+        #: directories whose entry in their parent this instance has made durable
+        self._durable_dirs: set[str] = set()
+        self._unconfirmed: set[str] = set()
+        #: why this instance refuses to write (an fsync failed), or None
+        self._failed: str | None = None
 
     # -- helpers -------------------------------------------------------------
     def path(self, name: str) -> str:
@@ -140,12 +150,32 @@ class LocalBackend:
     def fsync_fd(self, fd: int) -> None:
         os.fsync(fd)
 
+    def _fsync(self, fd: int, what: str) -> None:
+        try:
+            self.fsync_fd(fd)
+        except OSError as exc:
+            # After a failed fsync Linux may drop the dirty pages and report success on a
+            # retry ("fsyncgate"): nothing written since the last good sync can be trusted
+            # again, so this instance stops writing instead of retrying.
+            self._failed = f"fsync of {what} failed ({exc})"
+            raise
+
+    def _check_writable(self) -> None:
+        if self._failed is not None:
+            raise StorageError(f"{self.root}: refusing to write: an earlier {self._failed}; "
+                               "data written since the last successful sync may be lost. "
+                               "Check the disk, then reopen the store (gc removes the debris)")
+
     def ensure_dir(self, directory: str) -> None:
         """Create ``directory`` (under the root) and any missing parents.
 
         A new directory's own entry lives in its parent: each parent is marked
         dirty so that :meth:`sync` makes the whole path durable, not only the file.
         """
+        d = os.path.abspath(directory)
+        if d in self._durable_dirs:
+            return
+        self._confirm_entries(d)
         if os.path.isdir(directory):
             return
         missing = []
@@ -160,6 +190,21 @@ class LocalBackend:
                 if not os.path.isdir(d):
                     raise
             self.mark_dir_dirty(os.path.dirname(d))
+
+    def _confirm_entries(self, d: str) -> None:
+        """Sync the entry of ``d`` and of its parents below the root at the next :meth:`sync`.
+
+        A directory this instance finds already there may have been made by a process that
+        died before it fsynced the parent; writing into it must not trust that entry.
+        """
+        if not self.durable or self.root == os.path.dirname(self.root):
+            return  # the whole-filesystem backend (store creation) only syncs what it makes
+        while d != self.root and d.startswith(self.root + os.sep) and \
+                d not in self._durable_dirs:
+            self.mark_dir_dirty(os.path.dirname(d))
+            with self._lock:
+                self._unconfirmed.add(d)
+            d = os.path.dirname(d)
 
     def mark_dir_dirty(self, directory: str) -> None:
         with self._lock:
@@ -191,6 +236,7 @@ class LocalBackend:
 
     # -- Backend -------------------------------------------------------------
     def create(self, name: str) -> _LocalWriter:
+        self._check_writable()
         return _LocalWriter(self, name)
 
     def put(self, name: str, data: bytes) -> None:
@@ -199,11 +245,15 @@ class LocalBackend:
             w.write(data)
             final = w._final
             # put replaces: remove the old object only after the new one is durable
-            w._done = True
             if self.durable:
-                self.fsync_fd(w._fd)
+                self._fsync(w._fd, w._tmp)
+            w._done = True
             os.close(w._fd)
-            os.replace(w._tmp, final)
+            try:
+                os.replace(w._tmp, final)
+            except BaseException:
+                _unlink_quietly(w._tmp)
+                raise
             self.mark_dir_dirty(os.path.dirname(final))
         except BaseException:
             if not w._done:
@@ -244,6 +294,7 @@ class LocalBackend:
         return sorted(out)
 
     def delete(self, name: str) -> None:
+        self._check_writable()
         self._forget(name)
         path = self.path(name)
         try:
@@ -253,6 +304,7 @@ class LocalBackend:
         self.mark_dir_dirty(os.path.dirname(path))
 
     def sync(self) -> None:
+        self._check_writable()
         with self._lock:
             dirs, self._dirty_dirs = self._dirty_dirs, set()
         if not self.durable:
@@ -263,15 +315,26 @@ class LocalBackend:
             except FileNotFoundError:
                 continue
             try:
-                self.fsync_fd(fd)
+                self._fsync(fd, d)
             finally:
                 os.close(fd)
+        with self._lock:
+            done = {c for c in self._unconfirmed if os.path.dirname(c) in dirs}
+            self._unconfirmed -= done
+            self._durable_dirs |= done
 
     def close(self) -> None:
         with self._lock:
             fds, self._fds = list(self._fds.values()), OrderedDict()
         for fd in fds:
             os.close(fd)
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 class _MemoryWriter:

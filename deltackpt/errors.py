@@ -36,6 +36,11 @@ class StoreLockedError(DeltackptError, BlockingIOError):
     """Another process holds the writer lock of the store."""
 
 
+class StorageError(DeltackptError, OSError):
+    """Writing to the store failed (disk full, I/O error, failed fsync); names the store and
+    the operation. Nothing the failed call was making becomes visible."""
+
+
 class FormatVersionError(DeltackptError, ValueError):
     """The store or object was written by a newer (or unknown) format version."""
 

@@ -1,6 +1,6 @@
 """Named crash points, for fault-injection tests.
 
-Every phase boundary of save, delete, gc and pack rewriting calls
+Every phase boundary of save, delete, thin, gc and pack rewriting calls
 :func:`crash_point` with a stable name (listed in :data:`CRASH_POINTS`). When
 the environment variable ``DELTACKPT_CRASH_AT`` names that point (optionally
 ``NAME:N`` for its N-th hit), the process exits immediately with status 77, as
@@ -21,7 +21,12 @@ CRASH_POINTS = (
     "save:after-commit",
     "delete:before-commit",
     "delete:after-commit",
+    "thin:after-manifest",
+    "thin:before-commit",
+    "thin:after-commit",
     "gc:after-scan",
+    "gc:after-index-commit",
+    "gc:mid-repack-write",
     "gc:after-repack-write",
     "gc:after-repack-commit",
     "gc:mid-delete",

@@ -148,7 +148,17 @@ class Index:
             except BaseException:
                 self.conn.execute("ROLLBACK")
                 raise
-            self.conn.execute("COMMIT")
+            try:
+                self.conn.execute("COMMIT")
+            except BaseException:
+                # a failed COMMIT (disk full, I/O error) may leave the transaction open, and
+                # every later BEGIN would then fail: roll back what SQLite has not already
+                if self.conn.in_transaction:
+                    try:
+                        self.conn.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass
+                raise
 
     @contextmanager
     def read(self) -> Iterator[sqlite3.Connection]:

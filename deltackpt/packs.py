@@ -94,7 +94,13 @@ class PackWriter:
         if self._current is not None:
             self._current.abort()
             self._current = None
-        # committed packs of an aborted save are unreferenced: gc removes them
+        # committed packs of an aborted save are unreferenced: free their space now when
+        # possible (a save failing on a full disk), else gc removes them
+        for name, _ in self.finished:
+            try:
+                self.backend.delete(name)
+            except OSError:
+                break
         self.finished = []
 
 

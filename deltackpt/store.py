@@ -9,8 +9,10 @@ output tensors → rebuild the tree. docs/architecture.md walks through both.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import sqlite3
 import threading
 import time
 from collections import deque
@@ -33,6 +35,7 @@ from .errors import (
     InvalidStoreError,
     StepExistsError,
     StepNotFoundError,
+    StorageError,
     StoreClosedError,
     UnsupportedValueError,
 )
@@ -135,6 +138,37 @@ class _Location:
     raw_len: int
     base: bytes | None
     depth: int
+
+
+def _storage_errors(what: str, step_arg: int | None = None):
+    """Raise OS and SQLite errors of a mutation as :class:`StorageError` naming the store,
+    the operation and the step (the original error is chained)."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def call(self: Store, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(self, *args, **kwargs)
+            except DeltackptError:
+                raise
+            except (OSError, sqlite3.Error) as exc:
+                step = kwargs.get("step") if step_arg is None or len(args) <= step_arg \
+                    else args[step_arg]
+                label = f"{what} of step {step}" if step is not None else what
+                msg = (f"{self.location}: {label} failed: {exc}"
+                       + ("; nothing was committed" if what == "save" and step is not None
+                          and not _committed(self, step) else ""))
+                errno = getattr(exc, "errno", None)
+                raise (StorageError(errno, msg) if errno else StorageError(msg)) from exc
+        return call
+    return wrap
+
+
+def _committed(store: Store, step: Any) -> bool:
+    try:
+        return step in store
+    except (sqlite3.Error, DeltackptError):
+        return True  # unknown: claim nothing
 
 
 class Store:
@@ -275,6 +309,7 @@ class Store:
         return StepNotFoundError(f"{self.location}: step {step} not found{hint}")
 
     # -- save -----------------------------------------------------------------
+    @_storage_errors("save", step_arg=1)
     def save(
         self,
         state: Any,
@@ -765,6 +800,7 @@ class Store:
         return result
 
     # -- delete / gc ----------------------------------------------------------
+    @_storage_errors("delete", step_arg=0)
     def delete(self, step: int) -> None:
         """Remove a step from the index (and its manifest). Space returns at :meth:`gc`.
 
@@ -786,6 +822,7 @@ class Store:
             self.backend.delete(row[0])
             self.backend.sync()
 
+    @_storage_errors("thin", step_arg=0)
     def thin(self, step: int, keep: Sequence[str] | str) -> int:
         """Keep only the subtrees ``keep`` of ``step`` (e.g. ``["model"]``); drop the rest.
 
@@ -827,6 +864,7 @@ class Store:
             # full index row, which only ever loses what the caller asked to drop
             self.backend.put(manifest, encode_manifest(payload))
             self.backend.sync()
+            crash_point("thin:after-manifest")
             with self._index.write() as conn:
                 for batch in chunked(gone, 500):
                     marks = ",".join("?" * len(batch))
@@ -836,6 +874,8 @@ class Store:
                     "UPDATE steps SET tree=?, logical_bytes=(SELECT COALESCE(SUM(nbytes), 0) "
                     "FROM entries WHERE step=?) WHERE step=?",
                     (json.dumps(tree, separators=(",", ":")), step, step))
+                crash_point("thin:before-commit")
+            crash_point("thin:after-commit")
             return len(gone)
 
     def best(self, metric: str, mode: str = "min") -> int | None:
@@ -881,6 +921,7 @@ class Store:
                 frontier = nxt
         return live
 
+    @_storage_errors("gc")
     def gc(self, repack_threshold: float = 0.5) -> GcResult:
         """Reclaim the space of deleted steps and of crashed saves.
 
@@ -918,6 +959,7 @@ class Store:
                     conn.execute(f"DELETE FROM blocks WHERE id IN ({marks})", batch)
                 for pid in empty:
                     conn.execute("DELETE FROM packs WHERE id=?", (pid,))
+            crash_point("gc:after-index-commit")
             self._repack_written = 0
             rewritten = self._repack(sparse, packs) if sparse else []
             freed -= self._repack_written
@@ -965,6 +1007,8 @@ class Store:
                                               f"{bid.hex()[:12]}; run verify")
                     pack, new_off, new_len = writer.add([frame])
                     moves.append((bid, pack, new_off, new_len))
+                    if len(moves) == 1:
+                        crash_point("gc:mid-repack-write")
             new_packs = writer.finish()
             self._repack_written = sum(size for _, size in new_packs)
             self.backend.sync()

@@ -68,6 +68,15 @@ elif scenario == "repack":
     out("gc")
     s.save(crash_state(2, "repack"), 2)
     out("saved 2")
+elif scenario == "thin":
+    s = deltackpt.open(path, block_size=4096, delta="xor")
+    for step in (0, 1):
+        s.save(crash_state(step), step)
+        out(f"saved {step}")
+    s.thin(1, ["w"])
+    out("thinned 1")
+    s.save(crash_state(2), 2)
+    out("saved 2")
 elif scenario == "loop":
     s = deltackpt.open(path, block_size=65536)
     step = 0
@@ -91,7 +100,12 @@ EXPECTED = {
     "save:after-commit": ("plain", 3, [0, 1, 2]),
     "delete:before-commit": ("plain", 1, [0, 1, 2, 3]),
     "delete:after-commit": ("plain", 1, [0, 1, 2]),
+    "thin:after-manifest": ("thin", 1, [0, 1]),
+    "thin:before-commit": ("thin", 1, [0, 1]),
+    "thin:after-commit": ("thin", 1, [0, 1]),
     "gc:after-scan": ("plain", 1, [0, 1, 2]),
+    "gc:after-index-commit": ("plain", 1, [0, 1, 2]),
+    "gc:mid-repack-write": ("repack", 1, [1]),
     "gc:mid-delete": ("plain", 1, [0, 1, 2]),
     "gc:after-delete": ("plain", 1, [0, 1, 2]),
     "gc:after-repack-write": ("repack", 1, [1]),
@@ -100,7 +114,7 @@ EXPECTED = {
 #: points whose crash leaves objects only gc removes (proves the crash came mid-way)
 LEAVES_GARBAGE = {"save:mid-write", "save:after-packs", "save:after-manifest",
                   "save:before-commit", "delete:after-commit",
-                  "gc:after-repack-write"}
+                  "gc:after-repack-write", "gc:mid-repack-write"}
 RANDOM_KILLS = [11, 22, 33]
 
 
@@ -169,8 +183,16 @@ def runs(tmp_path_factory):
         return {k: f.result() for k, f in futs.items()}
 
 
+def _expected_state(step: int, kind: str, thinned: frozenset[int]) -> dict:
+    state = crash_state(step, "plain" if kind == "thin" else kind)
+    return {"w": state["w"]} if step in thinned else state
+
+
 def _check_recovered(run: Run, visible: list[int] | None, kind: str, garbage: bool,
-                     inflight: int | None):
+                     inflight: int | None, thinned: frozenset[int] = frozenset()):
+    def crash_state(step, kind):  # noqa: F811 - the thin scenario's steps may be thinned
+        return _expected_state(step, kind, thinned)
+
     with deltackpt.open(run.path) as s:
         steps = s.steps()
         if visible is not None:
@@ -218,7 +240,8 @@ def test_crash_point(runs, point):
     scenario, nth, visible = EXPECTED[point]
     assert "done" not in run.lines
     inflight = 2 if point.startswith("save:") else None
-    _check_recovered(run, visible, scenario, point in LEAVES_GARBAGE, inflight)
+    thinned = frozenset({1}) if point == "thin:after-commit" else frozenset()
+    _check_recovered(run, visible, scenario, point in LEAVES_GARBAGE, inflight, thinned)
 
 
 @pytest.mark.parametrize("seed", RANDOM_KILLS)
