@@ -607,12 +607,16 @@ class Store:
         for attempt in range(3):
             try:
                 return self._load_once(step, map_location, select)
-            except (FileNotFoundError, CorruptionError):
+            except (FileNotFoundError, CorruptionError) as exc:
                 # a concurrent gc may have rewritten a pack we planned to read:
                 # re-plan from the index; the step may be gone, or still damaged
                 if step is not None and step not in self:
                     raise self._not_found(step) from None
                 if attempt == 2:
+                    if isinstance(exc, FileNotFoundError):
+                        what = f"step {step}" if step is not None else "the latest step"
+                        raise CorruptionError(f"{self.location}: {what}: a pack the index "
+                                              f"names is missing: {exc.filename or exc}") from exc
                     raise
                 time.sleep(0.05 * (attempt + 1))
         raise AssertionError("unreachable")

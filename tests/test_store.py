@@ -810,3 +810,15 @@ def test_a_position_whose_delta_clearly_won_is_not_encoded_twice(tmp_path, monke
     assert per_save[1] == {"standalone": blocks, "delta": blocks}
     # later saves trust the delta: no standalone encoding
     assert per_save[2] == per_save[3] == {"standalone": 0, "delta": blocks}
+
+
+def test_a_missing_pack_is_corruption_naming_the_step_and_pack(tmp_path):
+    with deltackpt.open(tmp_path / "s") as s:
+        s.save({"w": torch.arange(1000.0)}, 7)
+        (pack,) = [r[0] for r in s._index.query("SELECT name FROM packs")]
+    os.unlink(tmp_path / "s" / pack)
+    with deltackpt.open(tmp_path / "s") as s:
+        with pytest.raises(deltackpt.CorruptionError, match=r"step 7: a pack the index names is missing") as ei:
+            s.load(7)
+        assert pack.split("/")[-1] in str(ei.value)
+        assert not s.verify().ok
