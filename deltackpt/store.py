@@ -735,8 +735,10 @@ class Store:
                                   f"{exc}") from None
 
     # -- verify ---------------------------------------------------------------
-    def verify(self, step: int | None = None) -> VerifyResult:
+    def verify(self, step: int | None = None, progress: Any = None) -> VerifyResult:
         """Re-read and re-hash every block of ``step`` (default: all steps).
+
+        ``progress``: an object with tqdm's ``total`` and ``update(n)`` (raw bytes checked).
 
         Each block is decoded once, through its whole delta chain; problems name
         the step, entry and short block id. Never raises for damage it finds.
@@ -792,7 +794,11 @@ class Store:
                 return str(exc)
             return None
 
+        if progress is not None:
+            progress.total = sum(locations[b].raw_len for b in checkable)
         for bid, err in zip(checkable, self._pool.map(check, checkable)):
+            if progress is not None:
+                progress.update(locations[bid].raw_len)
             result.blocks_checked += 1
             result.bytes_checked += locations[bid].raw_len
             if err is not None:
@@ -926,7 +932,7 @@ class Store:
         return live
 
     @_storage_errors("gc")
-    def gc(self, repack_threshold: float = 0.5) -> GcResult:
+    def gc(self, repack_threshold: float = 0.5, progress: Any = None) -> GcResult:
         """Reclaim the space of deleted steps and of crashed saves.
 
         Removes blocks no live step needs, deletes packs with no live block,
@@ -965,7 +971,9 @@ class Store:
                     conn.execute("DELETE FROM packs WHERE id=?", (pid,))
             crash_point("gc:after-index-commit")
             self._repack_written = 0
-            rewritten = self._repack(sparse, packs) if sparse else []
+            if progress is not None:  # tqdm-like: frame bytes copied by the repack
+                progress.total = sum(packs[pid]["live"] for pid in sparse)
+            rewritten = self._repack(sparse, packs, progress) if sparse else []
             freed -= self._repack_written
             doomed = [packs[pid]["name"] for pid in empty] + rewritten
             for i, name in enumerate(doomed):
@@ -989,7 +997,8 @@ class Store:
             return GcResult(freed, len(dead), len(empty) + len(rewritten), len(rewritten),
                             leftovers)
 
-    def _repack(self, pids: list[int], packs: dict[int, dict]) -> list[str]:
+    def _repack(self, pids: list[int], packs: dict[int, dict],
+                progress: Any = None) -> list[str]:
         """Copy the live frames of sparse packs into new packs; returns the old names."""
         moves: list[tuple[bytes, str, int, int]] = []
         writer = PackWriter(self.backend, self._pack_size)
@@ -1011,6 +1020,8 @@ class Store:
                                               f"{bid.hex()[:12]}; run verify")
                     pack, new_off, new_len = writer.add([frame])
                     moves.append((bid, pack, new_off, new_len))
+                    if progress is not None:
+                        progress.update(ln)
                     if len(moves) == 1:
                         crash_point("gc:mid-repack-write")
             new_packs = writer.finish()

@@ -1,4 +1,4 @@
-"""Commands over one store: log, show, restore, verify, stats, delete, gc, reindex."""
+"""Commands over one store: log, show, restore, verify, delete, gc, reindex."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 import click
 
 from ..errors import DeltackptError
+from ..progress import bar
 from ._common import (
     emit_json,
     handle_errors,
@@ -18,6 +19,8 @@ from ._common import (
     table,
     when,
 )
+
+quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 
 
 @click.command("log")
@@ -82,6 +85,33 @@ def show_cmd(path: str, step: int | None, as_json: bool) -> None:
     click.echo(table(["path", "kind", "dtype", "shape", "bytes", "blocks"], rows, right={4, 5}))
 
 
+def _load_cpu(store, step: int | None, select: list[str] | None, quiet: bool):
+    """(step, ``store.load(step, "cpu", select)``) decoded entry by entry under a progress
+    bar; re-planned like ``load`` when a concurrent gc moves frames."""
+    from ..errors import CorruptionError
+    from ..export import StepReader
+    from ..flatten import unflatten
+    from ..tensors import finish_output
+
+    for attempt in range(3):
+        try:
+            reader = StepReader(store, [step], select)
+            s = reader.steps[0]
+            values = {}
+            with bar(sum(e.nbytes for e in reader.entries[s]), f"restore step {s}",
+                     quiet=quiet) as pbar:
+                for e, out in reader.iter_raw(s):
+                    values[e.idx] = finish_output(e.kind, out, e.attrs)
+                    pbar.update(e.nbytes)
+            return s, unflatten(reader.trees[s], values)
+        except (FileNotFoundError, CorruptionError):
+            if step is not None and step not in store:
+                raise store._not_found(step) from None
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
 @click.command("restore")
 @path_argument
 @click.argument("step", type=int, required=False)
@@ -93,14 +123,17 @@ def show_cmd(path: str, step: int | None, as_json: bool) -> None:
     help="Output file: .safetensors (tensors only) or .pt (full structure).",
 )
 @click.option("--select", multiple=True, help="Restore only this subtree (repeatable).")
+@quiet_option
 @handle_errors
-def restore_cmd(path: str, step: int | None, output: str, select: tuple[str, ...]) -> None:
+def restore_cmd(path: str, step: int | None, output: str, select: tuple[str, ...],
+                quiet: bool) -> None:
     """Write STEP (default: latest) to a .safetensors or .pt file."""
     from ..export import write_pt, write_safetensors
 
+    if not output.endswith((".safetensors", ".pt")):
+        raise click.BadParameter("output must end in .safetensors or .pt", param_hint="-o")
     with open_existing(path) as store:
-        state = store.load(step, select=list(select) or None)
-        step = step if step is not None else store.latest()
+        step, state = _load_cpu(store, step, list(select) or None, quiet)
     if output.endswith(".safetensors"):
         n, skipped = write_safetensors(state, output, metadata={"deltackpt_step": str(step)})
         click.echo(
@@ -119,11 +152,12 @@ def restore_cmd(path: str, step: int | None, output: str, select: tuple[str, ...
 @path_argument
 @click.option("--step", type=int, default=None, help="Check only this step.")
 @json_option
+@quiet_option
 @handle_errors
-def verify_cmd(path: str, step: int | None, as_json: bool) -> None:
+def verify_cmd(path: str, step: int | None, as_json: bool, quiet: bool) -> None:
     """Re-read and re-hash every block; exit 1 on any problem."""
-    with open_existing(path) as store:
-        result = store.verify(step)
+    with open_existing(path) as store, bar(0, "verify", quiet=quiet or as_json) as pbar:
+        result = store.verify(step, progress=pbar)
     if as_json:
         emit_json(
             {
@@ -147,38 +181,6 @@ def verify_cmd(path: str, step: int | None, as_json: bool) -> None:
         sys.exit(1)
 
 
-@click.command("stats")
-@path_argument
-@json_option
-@handle_errors
-def stats_cmd(path: str, as_json: bool) -> None:
-    """Logical vs stored bytes per step and in total, dedup and compression ratios."""
-    from ..stats import store_stats
-
-    with open_existing(path) as store:
-        stats = store_stats(store)
-    if as_json:
-        emit_json(stats)
-        return
-    rows = [
-        [
-            s["step"],
-            human(s["logical_bytes"]),
-            human(s["written_bytes"]),
-            human(s["cumulative_stored_bytes"]),
-            f"{s['dedup_ratio']:.1%}",
-            f"{s['compression_ratio']:.2f}x",
-        ]
-        for s in stats["steps"]
-    ]
-    click.echo(table(["step", "logical", "written", "cumulative", "dedup", "compression"], rows))
-    t = stats["total"]
-    click.echo(
-        f"\n{t['steps']} steps, {human(t['logical_bytes'])} logical, "
-        f"{human(t['stored_bytes'])} stored ({t['stored_fraction']:.1%} of full copies)"
-    )
-
-
 @click.command("delete")
 @path_argument
 @click.argument("steps", type=int, nargs=-1, required=True)
@@ -194,11 +196,12 @@ def delete_cmd(path: str, steps: tuple[int, ...]) -> None:
 @click.command("gc")
 @path_argument
 @json_option
+@quiet_option
 @handle_errors
-def gc_cmd(path: str, as_json: bool) -> None:
+def gc_cmd(path: str, as_json: bool, quiet: bool) -> None:
     """Remove blocks no step needs and leftovers of interrupted saves."""
-    with open_existing(path) as store:
-        r = store.gc()
+    with open_existing(path) as store, bar(0, "gc: repack", quiet=quiet or as_json) as pbar:
+        r = store.gc(progress=pbar)
     if as_json:
         emit_json(r.__dict__)
         return
@@ -232,4 +235,4 @@ def reindex_cmd(path: str, as_json: bool) -> None:
     )
 
 
-COMMANDS = [log_cmd, show_cmd, restore_cmd, verify_cmd, stats_cmd, delete_cmd, gc_cmd, reindex_cmd]
+COMMANDS = [log_cmd, show_cmd, restore_cmd, verify_cmd, delete_cmd, gc_cmd, reindex_cmd]
