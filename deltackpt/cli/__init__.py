@@ -15,7 +15,7 @@ import sys
 import click
 
 # One module per group of commands; each exports COMMANDS (a list of click commands).
-_COMMAND_MODULES = ("_store_cmds", "_transfer", "_analysis")
+_COMMAND_MODULES = ("_store_cmds", "_hf", "_transfer", "_analysis")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
