@@ -325,7 +325,8 @@ def test_crash_inside_a_pack_write(store_path):
     start, losses, rc, _, err = run_child(store_path,
                                           env={"DELTACKPT_CRASH_AT": "save:mid-write:3"})
     assert rc == 77, err
-    assert start == 0 and max(losses) >= 15
+    # the background save may kill the process before step 15's line is printed
+    assert start == 0 and max(losses) >= 14
     start2, losses2, rc2, _, err2 = run_child(store_path)
     assert rc2 == 0 and start2 == 10, err2
     assert_matches_reference(losses)
