@@ -74,8 +74,11 @@ __all__ = [
 def open(path: str | os.PathLike | Backend, **options: Any) -> Store:  # noqa: A001
     """Open the store at ``path``, creating it when missing.
 
-    ``path`` is a directory, ``"memory://"`` for a throw-away in-memory store, or
-    a :class:`Backend`. Options (fixed at creation unless noted):
+    ``path`` is a directory, ``"memory://"`` for a throw-away in-memory store, an
+    object-storage URL (``"s3://bucket/prefix"``, ``"gs://…"``, ``"fsspec+memory://…"``;
+    docs/object-storage.md: extra options ``cache_dir``, ``storage_options``,
+    ``filesystem``, ``lease_ttl``, ``pack_size``, ``part_size``, ``max_concurrency``,
+    ``readahead``), or a :class:`Backend`. Options (fixed at creation unless noted):
     ``block_size`` (bytes, default 1 MiB), ``hash`` (``"xxh3_128"`` or
     ``"blake2b"``), ``level`` (zstd level, per session), ``delta`` (``"auto"`` (default), ``"xor"``,
     ``"sub"``, ``"none"`` or ``"xor:keyframe:8"``; per session), ``fsync``

@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import stat
 import threading
 from collections import OrderedDict
 from typing import Protocol, runtime_checkable
@@ -217,7 +218,11 @@ class LocalBackend:
                 self._fds.move_to_end(name)
                 return fd
         path = self.path(name)
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        # O_NONBLOCK: opening a FIFO planted in a store must not wait for a writer forever
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise CorruptionError(f"{path}: not a regular file; a store holds only files here")
         with self._lock:
             if name in self._fds:  # another thread won the race
                 os.close(fd)

@@ -310,6 +310,10 @@ def decode_into(frame: bytes | memoryview, out: np.ndarray, info: FrameInfo | No
             if size != stream_raw:
                 raise CorruptionError(f"{where}: zstd stream claims {size} bytes, "
                                       f"expected {stream_raw}")
+            if chunk[4] & 0x18:
+                # zstd ignores the descriptor's unused bit (a flip there decodes fine) and
+                # libzstd never sets it nor the reserved one: either is damage
+                raise CorruptionError(f"{where}: zstd frame descriptor has reserved bits set")
             try:
                 data = _decompressor().decompress(chunk, max_output_size=stream_raw)
             except zstandard.ZstdError as exc:

@@ -7,6 +7,7 @@ changes are named migrations applied in order on open.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator
@@ -14,7 +15,24 @@ from contextlib import contextmanager
 
 import sqlite_utils
 
-from .errors import FormatVersionError
+from .errors import CorruptionError, FormatVersionError
+
+#: SQLite's primary result codes for a damaged file: SQLITE_CORRUPT, SQLITE_NOTADB
+_CORRUPT_CODES = (11, 26)
+
+
+def is_corruption(exc: sqlite3.Error) -> bool:
+    """Whether ``exc`` is SQLite reporting a damaged database file."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None and code & 0xFF in _CORRUPT_CODES:
+        return True
+    if code is None and type(exc) is sqlite3.DatabaseError:
+        return True  # Python 3.10 exposes no error codes
+    # deltackpt only queries its own schema: a table or column it made that is gone means
+    # a damaged schema record, not a programming error
+    return isinstance(exc, sqlite3.OperationalError) and str(exc).startswith(
+        ("no such table", "no such column", "malformed database schema",
+         "Could not decode to UTF-8"))  # a flipped bit in a TEXT value
 
 SCHEMA_VERSION = 1
 
@@ -85,6 +103,20 @@ class Index:
 
     def __init__(self, path: str, durable: bool = True, readonly: bool = False) -> None:
         self.path = path
+        if path != ":memory:" and os.path.exists(path) and not os.path.isfile(path):
+            # SQLite fails on a FIFO or directory with a bare "disk I/O error"
+            root = os.path.dirname(os.path.abspath(path))
+            raise CorruptionError(f"{path}: the index is not a regular file; rebuild it with "
+                                  f"`deltackpt reindex {root}`")
+        try:
+            with self.guard():
+                self._connect(path, durable, readonly)
+        except BaseException:
+            if hasattr(self, "conn"):
+                self.conn.close()
+            raise
+
+    def _connect(self, path: str, durable: bool, readonly: bool) -> None:
         uri = path != ":memory:"
         target = f"file:{path}?mode=ro" if readonly and uri else path
         self.conn = sqlite3.connect(target, uri=readonly and uri, check_same_thread=False,
@@ -97,9 +129,24 @@ class Index:
         self.conn.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
         self.conn.execute("PRAGMA foreign_keys = ON")
 
+    @contextmanager
+    def guard(self) -> Iterator[None]:
+        """Raise SQLite's "malformed"/"not a database" errors as :class:`CorruptionError`
+        naming the index file and the way out (``deltackpt reindex``)."""
+        try:
+            yield
+        except (sqlite3.DatabaseError, UnicodeDecodeError) as exc:
+            # sqlite3 raises UnicodeDecodeError when a damaged schema garbles its own message
+            if isinstance(exc, sqlite3.DatabaseError) and not is_corruption(exc):
+                raise
+            root = os.path.dirname(os.path.abspath(self.path))
+            raise CorruptionError(
+                f"{self.path}: the index is damaged ({exc}); the packs and manifests hold "
+                f"every committed step: rebuild it with `deltackpt reindex {root}`") from exc
+
     # -- schema ---------------------------------------------------------------
     def schema_version(self) -> int:
-        with self.lock:
+        with self.lock, self.guard():
             if "meta" not in self.db.table_names():
                 return 0
             row = self.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
@@ -141,7 +188,7 @@ class Index:
     @contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
         """An IMMEDIATE transaction: committed on success, rolled back on error."""
-        with self.lock:
+        with self.lock, self.guard():
             self.conn.execute("BEGIN IMMEDIATE")
             try:
                 yield self.conn
@@ -163,7 +210,7 @@ class Index:
     @contextmanager
     def read(self) -> Iterator[sqlite3.Connection]:
         """A read transaction: a consistent snapshot of the index."""
-        with self.lock:
+        with self.lock, self.guard():
             self.conn.execute("BEGIN")
             try:
                 yield self.conn
@@ -171,7 +218,7 @@ class Index:
                 self.conn.execute("COMMIT")
 
     def query(self, sql: str, params: Iterable = ()) -> list[tuple]:
-        with self.lock:
+        with self.lock, self.guard():
             return self.conn.execute(sql, tuple(params)).fetchall()
 
     def close(self) -> None:

@@ -12,12 +12,14 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
-from .backend import PARTIAL_SUFFIX, LocalBackend
+from .backend import PARTIAL_SUFFIX, Backend, LocalBackend
 from .errors import CorruptionError, FormatVersionError, InvalidStoreError
 from .hashing import unpack_ids
-from .index import Index
+from .index import Index, chunked
 from .lock import WriterLock
 from .packs import MANIFEST_PREFIX, PACK_PREFIX, decode_manifest, scan_pack
 
@@ -42,6 +44,8 @@ def reindex(path: str | os.PathLike, lock_timeout: float = 0.0) -> ReindexResult
     cfg_path = os.path.join(root, CONFIG_NAME)
     if not os.path.exists(cfg_path):
         raise InvalidStoreError(f"{root}: no deltackpt store here ({CONFIG_NAME} missing)")
+    if not os.path.isfile(cfg_path):  # a FIFO here would block open() forever
+        raise InvalidStoreError(f"{root}: {CONFIG_NAME} is not a regular file")
     with open(cfg_path, encoding="utf-8") as f:
         StoreConfig.from_json(json.load(f), root)
     lock = WriterLock(os.path.join(root, LOCK_NAME))
@@ -49,50 +53,6 @@ def reindex(path: str | os.PathLike, lock_timeout: float = 0.0) -> ReindexResult
     backend = LocalBackend(root)
     result = ReindexResult()
     try:
-        blocks: dict[bytes, tuple] = {}  # id -> (pack, offset, length, raw_len, codec, base)
-        pack_sizes: dict[str, int] = {}
-        for name in backend.list(PACK_PREFIX):
-            if name.endswith(PARTIAL_SUFFIX) or not name.endswith(".pack"):
-                continue
-            result.packs_scanned += 1
-            try:
-                size = backend.size(name)
-                for info, offset in scan_pack(backend, name):
-                    if info.block_id not in blocks:
-                        blocks[info.block_id] = (name, offset, info.frame_len, info.raw_len,
-                                                 info.codec, info.base_id)
-                        pack_sizes[name] = size
-            except CorruptionError as exc:
-                result.problems.append(str(exc))
-        result.blocks_found = len(blocks)
-        manifests = []
-        for name in backend.list(MANIFEST_PREFIX):
-            if name.endswith(PARTIAL_SUFFIX):
-                continue
-            try:
-                manifests.append((name, decode_manifest(backend.read(name), name)))
-            except (CorruptionError, FormatVersionError) as exc:
-                result.problems.append(str(exc))
-        steps = []
-        first_step: dict[bytes, int] = {}
-        for name, m in sorted(manifests, key=lambda x: x[1].get("step", -1)):
-            try:
-                step = int(m["step"])
-                entries = m["entries"]
-                need = set()
-                for e in entries:
-                    need.update(unpack_ids(bytes.fromhex(e["blocks"])))
-            except (KeyError, TypeError, ValueError) as exc:
-                result.problems.append(f"{name}: malformed manifest ({exc})")
-                continue
-            missing = _missing_with_bases(need, blocks)
-            if missing:
-                result.steps_lost[step] = (f"{len(missing)} block(s) not found in any pack, "
-                                           f"e.g. {next(iter(missing)).hex()[:12]}")
-                continue
-            for bid in _with_bases(need, blocks):
-                first_step.setdefault(bid, step)
-            steps.append((name, m, step))
         index_path = os.path.join(root, INDEX_NAME)
         tmp_path = index_path + ".rebuild"
         for p in (tmp_path, tmp_path + "-wal", tmp_path + "-shm"):
@@ -101,42 +61,7 @@ def reindex(path: str | os.PathLike, lock_timeout: float = 0.0) -> ReindexResult
         idx = Index(tmp_path)
         idx.create_or_migrate({"format_version": str(FORMAT_VERSION),
                                "created_at": repr(time.time()), "rebuilt_at": repr(time.time())})
-        used = {bid for bid in first_step}
-        with idx.write() as conn:
-            pack_ids = {}
-            for name in sorted({blocks[b][0] for b in used}):
-                pack_ids[name] = conn.execute(
-                    "INSERT INTO packs(name, size, created_at) VALUES (?, ?, ?)",
-                    (name, pack_sizes[name], time.time())).lastrowid
-            depth_of: dict[bytes, int] = {}
-            for bid in used:
-                pack, off, ln, raw, codec, base = blocks[bid]
-                conn.execute(
-                    "INSERT INTO blocks(id, pack_id, offset, length, raw_len, codec, base, depth, "
-                    "first_step) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (bid, pack_ids[pack], off, ln, raw, codec, base,
-                     _depth(bid, blocks, depth_of), first_step[bid]))
-            for name, m, step in steps:
-                entries = m["entries"]
-                new = [b for b, s in first_step.items() if s == step]
-                conn.execute(
-                    "INSERT INTO steps(step, created_at, metrics, tags, note, tree, logical_bytes, "
-                    "written_bytes, new_chunks, total_chunks, parent, manifest) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (step, float(m.get("created_at", 0.0)),
-                     json.dumps(m.get("metrics", {}), allow_nan=True),
-                     json.dumps(m.get("tags", [])), m.get("note"),
-                     json.dumps(m["tree"], separators=(",", ":")),
-                     sum(int(e["nbytes"]) for e in entries),
-                     sum(blocks[b][2] for b in new), len(new),
-                     sum(len(e["blocks"]) // 32 for e in entries), m.get("parent"), name))
-                conn.executemany(
-                    "INSERT INTO entries(step, idx, path, kind, dtype, shape, nbytes, block_size, "
-                    "blocks) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [(step, int(e["idx"]), e["path"], e["kind"], e["dtype"],
-                      json.dumps(e["shape"]), int(e["nbytes"]), int(e["block_size"]),
-                      bytes.fromhex(e["blocks"])) for e in entries])
-                result.steps_recovered.append(step)
+        rebuild_into(idx, backend, result)
         idx.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         idx.conn.execute("PRAGMA journal_mode = DELETE")
         idx.close()
@@ -160,12 +85,164 @@ def reindex(path: str | os.PathLike, lock_timeout: float = 0.0) -> ReindexResult
     return result
 
 
-def _with_bases(ids: set[bytes], blocks: dict[bytes, tuple]) -> set[bytes]:
+
+#: scan_many(pack names) -> {pack: (size, [(id, offset, frame_len, raw_len, codec, base)])};
+#: a pack that cannot be scanned maps to a CorruptionError instead
+ScanMany = Callable[[list[str]], dict[str, Any]]
+
+
+def scan_packs(backend: Backend, names: list[str]) -> dict[str, Any]:
+    """Scan packs one by one with :func:`scan_pack` (the default of :func:`rebuild_into`)."""
+    out: dict[str, Any] = {}
+    for name in names:
+        try:
+            out[name] = (backend.size(name),
+                         [(info.block_id, offset, info.frame_len, info.raw_len, info.codec,
+                           info.base_id) for info, offset in scan_pack(backend, name)])
+        except CorruptionError as exc:
+            out[name] = exc
+    return out
+
+
+def rebuild_into(idx: Index, backend: Backend, result: ReindexResult, *,
+                 scan_many: ScanMany | None = None,
+                 read_manifest: Callable[[str], bytes] | None = None,
+                 incremental: bool = False, replace: bool = False) -> None:
+    """Fill ``idx`` from the packs and manifests of ``backend`` (any Backend), in one
+    write transaction.
+
+    ``incremental``: keep what ``idx`` holds and add only steps whose manifests it does
+    not name yet, taking blocks it already has as found (a local cache of a remote store
+    catching up). ``replace``: empty ``idx`` first (a full rebuild of a cache in place,
+    safe for other connections to the same file). Steps that cannot be recovered are
+    reported in ``result.steps_lost``.
+    """
+    scan_many = scan_many or (lambda names: scan_packs(backend, names))
+    read_manifest = read_manifest or backend.read
+    existing: dict[str, int] = {}
+    if incremental:
+        existing = {m: s for m, s in idx.query("SELECT manifest, step FROM steps")}
+        known_packs = {r[0] for r in idx.query("SELECT name FROM packs")}
+    pack_names = [n for n in backend.list(PACK_PREFIX)
+                  if n.endswith(".pack") and not (incremental and n in known_packs)]
+    blocks: dict[bytes, tuple] = {}  # id -> (pack, offset, length, raw_len, codec, base)
+    pack_sizes: dict[str, int] = {}
+    scanned = scan_many(pack_names)
+    for name in pack_names:
+        found = scanned.get(name)
+        if found is None:
+            continue
+        result.packs_scanned += 1
+        if isinstance(found, BaseException):
+            result.problems.append(str(found))
+            continue
+        size, frames = found
+        for bid, offset, frame_len, raw_len, codec, base in frames:
+            if bid not in blocks:
+                blocks[bid] = (name, offset, frame_len, raw_len, codec, base)
+                pack_sizes[name] = size
+    result.blocks_found = len(blocks)
+    manifests = []
+    for name in backend.list(MANIFEST_PREFIX):
+        if name.endswith(PARTIAL_SUFFIX) or name in existing:
+            continue
+        try:
+            manifests.append((name, decode_manifest(read_manifest(name), name)))
+        except (CorruptionError, FormatVersionError) as exc:
+            result.problems.append(str(exc))
+    known: dict[bytes, int] = {}  # blocks the index already has -> depth
+    if incremental:
+        need_all: set[bytes] = set()
+        for _name, m in manifests:
+            for e in m.get("entries", []) if isinstance(m.get("entries"), list) else []:
+                try:
+                    need_all.update(unpack_ids(bytes.fromhex(e["blocks"])))
+                except (KeyError, TypeError, ValueError):
+                    pass
+        need_all.update(b[5] for b in blocks.values() if b[5] is not None)
+        for batch in chunked(list(need_all), 500):
+            marks = ",".join("?" * len(batch))
+            known.update(idx.query(f"SELECT id, depth FROM blocks WHERE id IN ({marks})",
+                                   batch))
+    steps = []
+    first_step: dict[bytes, int] = {}
+    taken = set(existing.values())
+    for name, m in sorted(manifests, key=lambda x: x[1].get("step", -1)):
+        try:
+            step = int(m["step"])
+            entries = m["entries"]
+            need = set()
+            for e in entries:
+                need.update(unpack_ids(bytes.fromhex(e["blocks"])))
+        except (KeyError, TypeError, ValueError) as exc:
+            result.problems.append(f"{name}: malformed manifest ({exc})")
+            continue
+        if step in taken:
+            result.problems.append(f"{name}: step {step} is already named by another manifest")
+            continue
+        missing = _missing_with_bases(need, blocks, known)
+        if missing:
+            result.steps_lost[step] = (f"{len(missing)} block(s) not found in any pack, "
+                                       f"e.g. {next(iter(missing)).hex()[:12]}")
+            continue
+        for bid in _with_bases(need, blocks, known):
+            first_step.setdefault(bid, step)
+        steps.append((name, m, step))
+        taken.add(step)
+    used = {bid for bid in first_step}
+    with idx.write() as conn:
+        if replace:
+            for table in ("entries", "steps", "blocks", "packs"):
+                conn.execute(f"DELETE FROM {table}")
+        present = {r[0] for r in conn.execute("SELECT step FROM steps")} if incremental \
+            else set()
+        pack_ids = {}
+        for name in sorted({blocks[b][0] for b in used}):
+            conn.execute("INSERT OR IGNORE INTO packs(name, size, created_at) VALUES (?, ?, ?)",
+                         (name, pack_sizes[name], time.time()))
+            pack_ids[name] = conn.execute("SELECT id FROM packs WHERE name=?",
+                                          (name,)).fetchone()[0]
+        depth_of: dict[bytes, int] = dict(known)
+        for bid in used:
+            pack, off, ln, raw, codec, base = blocks[bid]
+            conn.execute(
+                "INSERT OR IGNORE INTO blocks(id, pack_id, offset, length, raw_len, codec, base, "
+                "depth, first_step) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (bid, pack_ids[pack], off, ln, raw, codec, base,
+                 _depth(bid, blocks, depth_of), first_step[bid]))
+        for name, m, step in steps:
+            if step in present:  # another process sharing this cache added it meanwhile
+                continue
+            entries = m["entries"]
+            new = [b for b, s in first_step.items() if s == step]
+            conn.execute(
+                "INSERT INTO steps(step, created_at, metrics, tags, note, tree, logical_bytes, "
+                "written_bytes, new_chunks, total_chunks, parent, manifest) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (step, float(m.get("created_at", 0.0)),
+                 json.dumps(m.get("metrics", {}), allow_nan=True),
+                 json.dumps(m.get("tags", [])), m.get("note"),
+                 json.dumps(m["tree"], separators=(",", ":")),
+                 sum(int(e["nbytes"]) for e in entries),
+                 sum(blocks[b][2] for b in new), len(new),
+                 sum(len(e["blocks"]) // 32 for e in entries), m.get("parent"), name))
+            conn.executemany(
+                "INSERT INTO entries(step, idx, path, kind, dtype, shape, nbytes, block_size, "
+                "blocks) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(step, int(e["idx"]), e["path"], e["kind"], e["dtype"],
+                  json.dumps(e["shape"]), int(e["nbytes"]), int(e["block_size"]),
+                  bytes.fromhex(e["blocks"])) for e in entries])
+            result.steps_recovered.append(step)
+
+def _with_bases(ids: set[bytes], blocks: dict[bytes, tuple],
+                known: dict[bytes, int] | None = None) -> set[bytes]:
+    """``ids`` and their transitive bases found in ``blocks`` (not those in ``known``)."""
+    known = known or {}
     out = set()
     todo = list(ids)
     while todo:
         bid = todo.pop()
-        if bid in out or bid not in blocks:
+        if bid in out or bid not in blocks or bid in known:
             continue
         out.add(bid)
         base = blocks[bid][5]
@@ -174,13 +251,15 @@ def _with_bases(ids: set[bytes], blocks: dict[bytes, tuple]) -> set[bytes]:
     return out
 
 
-def _missing_with_bases(ids: set[bytes], blocks: dict[bytes, tuple]) -> set[bytes]:
+def _missing_with_bases(ids: set[bytes], blocks: dict[bytes, tuple],
+                        known: dict[bytes, int] | None = None) -> set[bytes]:
+    known = known or {}
     missing = set()
     seen = set()
     todo = list(ids)
     while todo:
         bid = todo.pop()
-        if bid in seen:
+        if bid in seen or bid in known:
             continue
         seen.add(bid)
         if bid not in blocks:

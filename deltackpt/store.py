@@ -9,10 +9,14 @@ output tensors → rebuild the tree. docs/architecture.md walks through both.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import json
 import os
+import re
 import sqlite3
+import stat
 import threading
 import time
 from collections import deque
@@ -42,11 +46,12 @@ from .errors import (
 from .faults import crash_point
 from .flatten import Leaf, entry_indices, entry_nodes, flatten, select_tree, unflatten
 from .hashing import DEFAULT_BLOCK_SIZE, HASHES, ID_SIZE, block_id, block_spans, unpack_ids
-from .index import Index, chunked
+from .index import SCHEMA_VERSION, Index, chunked
 from .lock import WriterLock
 from .packs import (
     MANIFEST_PREFIX,
     MANIFEST_VERSION,
+    PACK_MAGIC,
     PACK_PREFIX,
     PackWriter,
     decode_manifest,
@@ -195,10 +200,12 @@ class Store:
         self.location = location
         self._index = Index(index_path, durable=backend.durable)
         self._index.check_version()
-        self._index.create_or_migrate({
-            "format_version": str(FORMAT_VERSION),
-            "created_at": repr(time.time()),
-        })
+        # opening an up-to-date index writes nothing: readers must not queue behind a writer
+        if self._index.schema_version() != SCHEMA_VERSION:
+            self._index.create_or_migrate({
+                "format_version": str(FORMAT_VERSION),
+                "created_at": repr(time.time()),
+            })
         self._lock = WriterLock(lock_path) if lock_path else None
         self._lock_timeout = lock_timeout
         self._mutex = threading.RLock()
@@ -604,7 +611,9 @@ class Store:
         self._check_open()
         if isinstance(select, str):
             select = [select]
+        packs_sql = "SELECT COUNT(*), MAX(id), SUM(size) FROM packs"
         for attempt in range(3):
+            packs_before = self._index.query(packs_sql)
             try:
                 return self._load_once(step, map_location, select)
             except (FileNotFoundError, CorruptionError) as exc:
@@ -612,11 +621,14 @@ class Store:
                 # re-plan from the index; the step may be gone, or still damaged
                 if step is not None and step not in self:
                     raise self._not_found(step) from None
-                if attempt == 2:
+                # no pack came or went since the plan: the damage is real, do not wait
+                if attempt == 2 or self._index.query(packs_sql) == packs_before:
                     if isinstance(exc, FileNotFoundError):
                         what = f"step {step}" if step is not None else "the latest step"
                         raise CorruptionError(f"{self.location}: {what}: a pack the index "
-                                              f"names is missing: {exc.filename or exc}") from exc
+                                              f"names is missing: {exc.filename or exc} (if "
+                                              "the index is damaged, `deltackpt reindex "
+                                              f"{self.location}` rebuilds it)") from exc
                     raise
                 time.sleep(0.05 * (attempt + 1))
         raise AssertionError("unreachable")
@@ -629,53 +641,59 @@ class Store:
                     raise StepNotFoundError(f"{self.location}: the store has no steps")
                 step = int(row[0])
             step = self._step_arg(step)
-            row = conn.execute("SELECT tree FROM steps WHERE step=?", (step,)).fetchone()
+            row = conn.execute("SELECT tree, manifest FROM steps WHERE step=?",
+                               (step,)).fetchone()
             if row is None:
                 raise self._not_found(step)
-            tree = json.loads(row[0])
-            if select:
-                try:
-                    tree = select_tree(tree, list(select))
-                except KeyError as exc:
-                    raise PathNotFoundError(f"{self.location}: step {step} has no path "
-                                            f"{exc.args[0]}") from None
-            wanted = entry_indices(tree)
             rows = conn.execute(
                 "SELECT idx, path, kind, dtype, shape, nbytes, block_size, blocks "
                 "FROM entries WHERE step=?", (step,)).fetchall()
+            self._check_index_rows(step, row[0], row[1], rows)
+            with _index_damage(self, step):
+                tree = json.loads(row[0])
+                if select:
+                    try:
+                        tree = select_tree(tree, list(select))
+                    except KeyError as exc:
+                        raise PathNotFoundError(f"{self.location}: step {step} has no path "
+                                                f"{exc.args[0]}") from None
+                wanted = entry_indices(tree)
+                attrs_of = dict(entry_nodes(tree))
             by_idx = {r[0]: r for r in rows}
             missing = [i for i in wanted if i not in by_idx]
             if missing:
                 raise CorruptionError(f"{self.location}: step {step}: index lacks entries "
-                                      f"{missing[:5]} referenced by its tree")
+                                      f"{missing[:5]} referenced by its tree; rebuild it with "
+                                      f"`deltackpt reindex {self.location}`")
             needed_ids = set()
-            for i in wanted:
-                needed_ids.update(unpack_ids(by_idx[i][7]))
+            with _index_damage(self, step):
+                for i in wanted:
+                    needed_ids.update(unpack_ids(by_idx[i][7]))
             locations = self._locate(conn, needed_ids)
         outputs: dict[int, Any] = {}
         tasks: list[tuple[bytes, np.ndarray, str]] = []
         devices: dict[int, str] = {}
-        attrs_of = dict(entry_nodes(tree))
         for i in wanted:
             _, path, kind, dtype, shape_s, nbytes, bsize, blob = by_idx[i]
-            shape = tuple(json.loads(shape_s))
-            out = empty_output(kind, dtype, shape)
-            view = output_bytes(out)
-            if view.nbytes != nbytes:
-                raise CorruptionError(f"{self.location}: step {step}, entry '{path}': "
-                                      f"{nbytes} bytes recorded, shape/dtype give {view.nbytes}")
+            label = f"{self.location}: step {step}, entry '{path}'"
+            # everything an index row claims is checked before anything is allocated for it
+            shape = _checked_shape(kind, dtype, shape_s, nbytes, label)
             ids = unpack_ids(blob)
+            spans = []
             pos = 0
             for bid in ids:
                 loc = locations.get(bid)
                 if loc is None:
-                    raise CorruptionError(f"{self.location}: step {step}, entry '{path}': "
-                                          f"block {bid.hex()[:12]} missing from the index")
-                tasks.append((bid, view[pos:pos + loc.raw_len], f"step {step}, entry '{path}'"))
+                    raise CorruptionError(f"{label}: block {bid.hex()[:12]} missing from the "
+                                          "index")
+                _check_location(loc, f"{label}: block {bid.hex()[:12]}")
+                spans.append((bid, pos, pos + loc.raw_len))
                 pos += loc.raw_len
             if pos != nbytes:
-                raise CorruptionError(f"{self.location}: step {step}, entry '{path}': blocks "
-                                      f"hold {pos} bytes, entry has {nbytes}")
+                raise CorruptionError(f"{label}: blocks hold {pos} bytes, entry has {nbytes}")
+            out = empty_output(kind, dtype, shape)
+            view = output_bytes(out)
+            tasks.extend((bid, view[a:b], f"step {step}, entry '{path}'") for bid, a, b in spans)
             outputs[i] = out
             devices[i] = attrs_of.get(i, {}).get("device", "cpu")
         self._decode_blocks(tasks, locations)
@@ -684,7 +702,8 @@ class Store:
             kind = by_idx[i][2]
             value = finish_output(kind, out, attrs_of.get(i, {}))
             values[i] = move(value, map_location, devices[i])
-        return unflatten(tree, values)
+        with _index_damage(self, step):
+            return unflatten(tree, values)
 
     def _locate(self, conn, ids: Iterable[bytes]) -> dict[bytes, _Location]:
         """Locations of blocks and, transitively, of their delta bases."""
@@ -725,14 +744,39 @@ class Store:
         if error is not None:
             raise error
 
+    def _check_index_rows(self, step: int, tree_text: Any, manifest: Any,
+                          rows: list[tuple]) -> None:
+        """Refuse index rows of ``step`` that its checksummed manifest contradicts.
+
+        SQLite keeps no checksums: a flipped bit in a row reads back as another valid value
+        (a renamed key, a different shape). A missing or damaged manifest cannot vouch for
+        the rows, which are then used as they are (``verify`` reports the manifest).
+        """
+        try:
+            payload = decode_manifest(_read_current(self.backend, manifest), manifest)
+        except (OSError, FormatVersionError, InvalidStoreError, TypeError):
+            return
+        why = _index_disagrees(payload, step, tree_text, rows)
+        if why is not None:
+            raise CorruptionError(
+                f"{self._index.path}: step {step}: the index disagrees with manifest "
+                f"{manifest} ({why}); the index is damaged: rebuild it with "
+                f"`deltackpt reindex {self.location}`")
+
     def read_frame(self, bid: bytes, loc: _Location, where: str) -> bytes:
+        label = f"{self.location}: {where}, block {bid.hex()[:12]}"
+        _check_location(loc, label)
         try:
             return self.backend.read(loc.pack, loc.offset, loc.length)
         except FileNotFoundError:
             raise
         except CorruptionError as exc:
-            raise CorruptionError(f"{self.location}: {where}, block {bid.hex()[:12]}: "
-                                  f"{exc}") from None
+            raise CorruptionError(f"{label}: {exc}") from None
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            raise CorruptionError(f"{label}: {loc.pack} is a symbolic link; a store never "
+                                  "holds one and deltackpt does not follow it") from None
 
     # -- verify ---------------------------------------------------------------
     def verify(self, step: int | None = None, progress: Any = None) -> VerifyResult:
@@ -748,16 +792,20 @@ class Store:
         with self._index.read() as conn:
             if step is not None:
                 step = self._step_arg(step)
-                rows = conn.execute("SELECT step, manifest FROM steps WHERE step=?",
+                rows = conn.execute("SELECT step, manifest, tree FROM steps WHERE step=?",
                                     (step,)).fetchall()
                 if not rows:
                     raise self._not_found(step)
             else:
-                rows = conn.execute("SELECT step, manifest FROM steps ORDER BY step").fetchall()
+                rows = conn.execute("SELECT step, manifest, tree FROM steps "
+                                    "ORDER BY step").fetchall()
             users: dict[bytes, list[tuple[int, str]]] = {}
-            for s, _ in rows:
-                for path, blob, _nbytes in conn.execute(
-                        "SELECT path, blocks, nbytes FROM entries WHERE step=? ORDER BY idx", (s,)):
+            entry_rows: dict[int, list[tuple]] = {}
+            for s, _, _ in rows:
+                entry_rows[s] = conn.execute(
+                    "SELECT idx, path, kind, dtype, shape, nbytes, block_size, blocks "
+                    "FROM entries WHERE step=? ORDER BY idx", (s,)).fetchall()
+                for _i, path, _k, _d, _sh, _n, _bs, blob in entry_rows[s]:
                     try:
                         ids = unpack_ids(blob)
                     except ValueError:
@@ -766,16 +814,48 @@ class Store:
                     for bid in ids:
                         users.setdefault(bid, []).append((s, path))
             locations = self._locate(conn, users.keys())
+            packs = conn.execute("SELECT name, size FROM packs").fetchall()
         damaged: set[int] = set()
         result.steps_checked = len(rows)
-        for s, manifest in rows:
+        for s, manifest, tree_text in rows:
             try:
-                payload = decode_manifest(self.backend.read(manifest), manifest)
+                payload = decode_manifest(_read_current(self.backend, manifest), manifest)
                 if payload.get("step") != s:
                     raise CorruptionError(f"{manifest}: names step {payload.get('step')}")
-            except (FileNotFoundError, CorruptionError, FormatVersionError) as exc:
+            except (OSError, FormatVersionError, InvalidStoreError, TypeError) as exc:
                 result.problems.append(f"step {s}: manifest {manifest}: {exc}")
                 damaged.add(s)
+                continue
+            why = _index_disagrees(payload, s, tree_text, entry_rows[s])
+            if why is not None:
+                result.problems.append(
+                    f"step {s}: the index ({self._index.path}) disagrees with manifest "
+                    f"{manifest}: {why}; rebuild it with `deltackpt reindex {self.location}`")
+                damaged.add(s)
+        # a pack whose magic or size changed is damaged even where no frame read shows it
+        bad_packs = {}
+        for name, size in packs:
+            try:
+                if not isinstance(name, str):
+                    raise InvalidStoreError(f"invalid object name {name!r}")
+                actual = self.backend.size(name)
+                ok = actual == size and self.backend.read(name, 0, len(PACK_MAGIC)) == PACK_MAGIC
+                why = f"{actual} bytes, the index recorded {size}" if actual != size \
+                    else "bad magic"
+            except (OSError, InvalidStoreError, TypeError) as exc:
+                ok, why = False, str(exc)
+            if not ok:
+                bad_packs[name] = why
+        if bad_packs:
+            # blocks it still holds intact decode below; only those that do not damage steps
+            steps_of: dict[str, set[int]] = {}
+            for bid, who in users.items():
+                loc = locations.get(bid)
+                if loc is not None and loc.pack in bad_packs:
+                    steps_of.setdefault(loc.pack, set()).update(s for s, _ in who)
+            for name, why in sorted(bad_packs.items()):
+                result.problems.append(f"pack {name} (blocks of steps "
+                                       f"{_short_list(sorted(steps_of.get(name, ())))}): {why}")
         for bid, who in users.items():
             if bid not in locations:
                 for s, path in who:
@@ -787,8 +867,9 @@ class Store:
 
         def check(bid: bytes) -> str | None:
             loc = locations[bid]
-            scratch = np.empty(loc.raw_len, dtype=np.uint8)
             try:
+                _check_location(loc, f"block {bid.hex()[:12]}")
+                scratch = np.empty(loc.raw_len, dtype=np.uint8)
                 decoder.decode_to(bid, scratch, "verify")
             except (CorruptionError, FileNotFoundError, DeltackptError) as exc:
                 return str(exc)
@@ -1414,7 +1495,10 @@ class _Decoder:
                 loc = self.locations.get(bid)
                 if loc is None:
                     raise CorruptionError(f"{self.store.location}: {where}: delta base "
-                                          f"{bid.hex()[:12]} missing from the index")
+                                          f"{bid.hex()[:12]} missing from the index (if the "
+                                          "index is damaged, `deltackpt reindex` rebuilds it)")
+                _check_location(loc, f"{self.store.location}: {where}: delta base "
+                                     f"{bid.hex()[:12]}")
                 buf = np.empty(loc.raw_len, dtype=np.uint8)
                 self.decode_to(bid, buf, f"{where} (delta base)")
                 fut.set_result(buf)
@@ -1454,6 +1538,148 @@ def _entry_manifest(p: _EntryPlan) -> dict:
         "block_size": p.spans[0][1] if p.spans else 0,
         "blocks": b"".join(p.ids).hex(),
     }
+
+
+def _canon(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), sort_keys=False)
+
+
+def _index_disagrees(payload: dict, step: int, tree_text: Any, rows: list[tuple]) -> str | None:
+    """How the index rows of ``step`` contradict its manifest ``payload``, or None.
+
+    A manifest whose tree is the index's with subtrees dropped agrees: ``thin`` rewrites
+    the manifest before the index, and a crash in between leaves exactly that.
+    """
+    if payload.get("step") != step:
+        return f"the manifest names step {payload.get('step')!r}"
+    try:
+        itree = json.loads(tree_text)
+    except (TypeError, ValueError):
+        return "the tree does not parse"
+    mtree = payload.get("tree")
+    same_tree = _canon(itree) == _canon(mtree)
+    if not same_tree and not _is_thinning(mtree, itree):
+        return "the trees differ"
+    mentries = {e.get("idx"): e for e in payload.get("entries") or () if isinstance(e, dict)}
+    lost = set(mentries) - {r[0] for r in rows}
+    if lost:
+        return f"the index lacks entries {sorted(lost, key=str)[:5]}"
+    for idx, path, kind, dtype, shape, nbytes, bsize, blocks in rows:
+        e = mentries.get(idx)
+        if e is None:
+            if same_tree:
+                return f"entry {idx!r} is not in the manifest"
+            continue
+        try:
+            mine = (path, kind, dtype, _canon(json.loads(shape)), nbytes, bsize, bytes(blocks))
+            theirs = (e["path"], e["kind"], e["dtype"], _canon(e["shape"]), e["nbytes"],
+                      e["block_size"], bytes.fromhex(e["blocks"]))
+        except (KeyError, TypeError, ValueError):
+            return f"entry {idx!r} does not parse"
+        if mine != theirs or any(type(a) is not type(b) for a, b in zip(mine, theirs)):
+            return f"entry {idx!r} ('{e['path']}') differs"
+    return None
+
+
+def _is_thinning(m: Any, i: Any) -> bool:
+    """Whether tree ``m`` is tree ``i`` with some subtrees dropped (what ``thin`` keeps)."""
+    if _canon(m) == _canon(i):
+        return True
+    if not (isinstance(m, list) and isinstance(i, list) and len(m) >= 2 and len(i) >= 2
+            and m[0] == i[0] and m[0] in ("L", "T", "D", "O")
+            and isinstance(m[1], list) and isinstance(i[1], list)):
+        return False
+    if m[0] in ("L", "T"):
+        return len(m[1]) <= len(i[1]) and all(
+            a is None or _is_thinning(a, b) for a, b in zip(m[1], i[1]))
+    if m[0] == "O" and (len(m) < 3 or len(i) < 3 or _canon(m[2]) != _canon(i[2])):
+        return False
+    rest = iter(i[1])
+    for pair in m[1]:
+        if not (isinstance(pair, list) and len(pair) == 2):
+            return False
+        for other in rest:
+            if isinstance(other, list) and len(other) == 2 and _canon(other[0]) == _canon(pair[0]):
+                if not _is_thinning(pair[1], other[1]):
+                    return False
+                break
+        else:
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def _index_damage(store: Store, step: int) -> Iterator[None]:
+    """Index values that do not parse (a damaged row no manifest could vouch for) raise
+    :class:`CorruptionError` naming the index and step."""
+    try:
+        yield
+    except DeltackptError:
+        raise
+    except (ValueError, TypeError, IndexError, AttributeError, RecursionError) as exc:
+        raise CorruptionError(f"{store._index.path}: step {step}: a row of the index does not "
+                              f"parse ({type(exc).__name__}: {str(exc)[:100]}); rebuild it with "
+                              f"`deltackpt reindex {store.location}`") from None
+
+
+def _read_current(backend: Backend, name: str) -> bytes:
+    """The current bytes of an object that may be replaced in place (a manifest, by
+    ``thin``): a descriptor the backend cached earlier would still show the old file."""
+    if not isinstance(backend, LocalBackend):
+        return backend.read(name)
+    # O_NONBLOCK: a FIFO planted under the name must not block the open
+    fd = os.open(backend.path(name), os.O_RDONLY | os.O_NONBLOCK |
+                 getattr(os, "O_NOFOLLOW", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise CorruptionError(f"{name}: not a regular file")
+        want = min(st.st_size + 1, 1 << 24)  # os.read allocates what it is asked
+        chunks = []
+        while chunk := os.read(fd, want):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def _check_location(loc: _Location, label: str) -> None:
+    """Refuse an index row whose sizes no frame can have, before reading or allocating."""
+    raw, length, offset = loc.raw_len, loc.length, loc.offset
+    if not (type(raw) is int and type(length) is int and type(offset) is int
+            and type(loc.pack) is str) or \
+            not 0 <= raw <= codec_mod.MAX_BLOCK_BYTES or offset < 0 or \
+            not 0 < length <= _max_frame_len(raw):
+        raise CorruptionError(f"{label}: impossible location in the index ({loc.pack}@"
+                              f"{offset!r}, {length!r} bytes for {raw!r} raw bytes)")
+
+
+def _max_frame_len(raw_len: int) -> int:
+    # header + 16 stream records + CRC, and every stream within zstd's bound (codec.py)
+    return codec_mod.HEADER_SIZE + 16 * 5 + 4 + raw_len + raw_len // 64 + 16 * 1024
+
+
+def _checked_shape(kind: Any, dtype: Any, shape_text: Any, nbytes: Any,
+                   label: str) -> tuple[int, ...]:
+    """The shape of an index row, refused unless kind, dtype, shape and size agree."""
+    try:
+        info = dtype_info(kind, dtype)
+        shape = json.loads(shape_text)
+        if not isinstance(shape, list) or not all(
+                type(d) is int and 0 <= d < 1 << 62 for d in shape):
+            raise ValueError(shape_text)
+    except (KeyError, TypeError, ValueError):
+        raise CorruptionError(f"{label}: unknown kind/dtype or bad shape in the index "
+                              f"({kind!r}, {dtype!r}, {shape_text!r})") from None
+    numel = 1
+    for d in shape:
+        numel *= d
+    if kind == "bytes" and len(shape) != 1:
+        raise CorruptionError(f"{label}: a bytes entry with shape {shape}")
+    if type(nbytes) is not int or numel * info.itemsize != nbytes:
+        raise CorruptionError(f"{label}: {nbytes!r} bytes recorded, shape {shape} of "
+                              f"{dtype} gives {numel * info.itemsize}")
+    return tuple(shape)
 
 
 def _step_info(row: tuple) -> StepInfo:
@@ -1514,8 +1740,23 @@ def open_store(
     lock_timeout: float = 0.0,
     create: bool = True,
     base_cache_bytes: int = 1 << 30,
+    **remote: Any,
 ) -> Store:
-    """Open (creating if missing) the store at ``path``; see :func:`deltackpt.open`."""
+    """Open (creating if missing) the store at ``path``; see :func:`deltackpt.open`.
+
+    Object-storage URLs and ``FsspecBackend`` instances go to :func:`deltackpt.remote.
+    open_remote`, which takes the extra ``remote`` options (``cache_dir``, ``lease_ttl``…).
+    """
+    if getattr(path, "is_s3", None) is not None or (
+            isinstance(path, str) and re.match(r"[a-z][a-z0-9+.-]*://", path)
+            and not path.startswith("memory://")):
+        from .remote import open_remote
+
+        return open_remote(path, block_size=block_size, hash=hash, level=level, delta=delta,
+                           fsync=fsync, threads=threads, lock_timeout=lock_timeout,
+                           create=create, base_cache_bytes=base_cache_bytes, **remote)
+    if remote:
+        raise TypeError(f"options {sorted(remote)} apply to object-storage URLs only")
     if isinstance(path, (MemoryBackend,)) or (not isinstance(path, (str, os.PathLike))
                                               and isinstance(path, Backend)):
         backend = path
@@ -1529,6 +1770,8 @@ def open_store(
                      base_cache_bytes=base_cache_bytes)
     config_path = os.path.join(root, CONFIG_NAME)
     if os.path.exists(config_path):
+        if not os.path.isfile(config_path):  # a FIFO here would block open() forever
+            raise InvalidStoreError(f"{root}: {CONFIG_NAME} is not a regular file")
         with open(config_path, encoding="utf-8") as f:
             try:
                 data = json.load(f)

@@ -12,11 +12,32 @@ from deltackpt import Backend, CorruptionError, InvalidStoreError, LocalBackend,
 from deltackpt.backend import PARTIAL_SUFFIX
 
 
-@pytest.fixture(params=["local", "memory"])
+@pytest.fixture(scope="module")
+def s3_server():
+    """One moto S3 server on loopback for this module (tests/s3server.py)."""
+    pytest.importorskip("s3fs")
+    from s3server import S3Server
+
+    with S3Server() as server:
+        yield server
+
+
+@pytest.fixture(params=["local", "memory", "s3", "fsspec-memory"])
 def backend(request, tmp_path):
     if request.param == "local":
         b = LocalBackend(os.path.join(tmp_path, "root"), durable=True)
         os.makedirs(b.root)
+    elif request.param == "s3":  # a fresh prefix of a real S3 server over HTTP
+        from deltackpt.fsspec_backend import FsspecBackend
+
+        server = request.getfixturevalue("s3_server")
+        b = FsspecBackend(server.shared_fs(), f"{server.prefix()}/some/prefix")
+    elif request.param == "fsspec-memory":
+        fsspec = pytest.importorskip("fsspec")
+        from deltackpt.fsspec_backend import FsspecBackend
+
+        b = FsspecBackend(fsspec.filesystem("memory", skip_instance_cache=True),
+                          f"/t-{os.path.basename(tmp_path)}/root")
     else:
         b = MemoryBackend()
     yield b

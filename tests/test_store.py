@@ -385,11 +385,14 @@ def test_select_reads_only_the_selected_blocks():
             backend.reads.clear()
             s.load(1, select=select)
             want = {locs[b] for p in paths for b in ids[p]}
-            assert set(backend.reads) == want, select
-            assert len(backend.reads) == len(want)
+            # plus the step's manifest, which vouches for the index rows
+            pack_reads = [r for r in backend.reads if not r[0].startswith("manifests/")]
+            assert set(pack_reads) == want, select
+            assert len(pack_reads) == len(want)
         backend.reads.clear()
         s.load(1)
-        assert set(backend.reads) == set(locs.values())
+        assert {r for r in backend.reads if not r[0].startswith("manifests/")} == \
+            set(locs.values())
 
 
 def test_select_works_when_unselected_blocks_are_damaged():

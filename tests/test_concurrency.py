@@ -1,0 +1,259 @@
+"""Readers beside a writer, two writers, a killed lock holder, gc beside save.
+
+A reader process restores the latest and random older steps while the writer saves,
+deletes (retention) and collects garbage: every read is bit-exact or a clean
+``StepNotFoundError`` -- never a torn step, never "database is locked". Default: ~50 saves;
+``-m stress``: 1,000 saves (numbers printed for docs/reliability.md)::
+
+    .venv/bin/python -m pytest -m stress tests/test_concurrency.py -s
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+import torch
+from helpers import assert_state_equal, det_floats, det_tensor
+
+import deltackpt
+from deltackpt import KeepLast, RetentionPolicy, StoreLockedError
+
+torch.set_num_threads(1)
+TESTS = os.path.dirname(os.path.abspath(__file__))
+BS = 4096
+#: keep the newest 8 steps, only the newest 4 whole (older ones thinned to "w")
+POLICY = RetentionPolicy(rules=(KeepLast(8),), keep_full_last=4, thin_keep=("w",))
+
+
+def state(step: int) -> dict:
+    """What the writer saves as ``step`` (a pure function of it, shared with the reader)."""
+    w = det_floats((16 * 1024,), 1)
+    w[::61] += step * 1e-3  # every block changes: delta chains the reader must follow
+    return {"w": w, "noise": det_tensor(torch.float32, (2048,), step),
+            "shared": det_floats((4096,), 5), "step": step}
+
+
+READER = textwrap.dedent("""
+    import json, os, random, sys, time
+    sys.path.insert(0, sys.argv[3])
+    import torch
+    torch.set_num_threads(1)
+    import deltackpt
+    from helpers import assert_state_equal
+    from test_concurrency import state
+    path, done = sys.argv[1], sys.argv[2]
+    rng = random.Random(0)
+    counts = {"exact": 0, "not_found": 0, "failures": []}
+    while not os.path.exists(os.path.join(path, "deltackpt.json")):
+        time.sleep(0.01)
+    time.sleep(0.2)
+    with deltackpt.open(path) as s:
+        while True:
+            finished = os.path.exists(done)
+            steps = s.steps()
+            picks = ([steps[-1], rng.choice(steps)] if steps else [])
+            for step in picks:
+                try:
+                    out = s.load(step)
+                    want = state(step)
+                    if list(out) == ["w"]:  # thinned by retention: the model part only
+                        want = {"w": want["w"]}
+                    assert_state_equal(out, want)
+                    counts["exact"] += 1
+                except deltackpt.StepNotFoundError:
+                    counts["not_found"] += 1
+                except BaseException as exc:
+                    counts["failures"].append(f"step {step}: {type(exc).__name__}: {exc}")
+            if finished:
+                break
+    print(json.dumps(counts))
+""")
+
+
+def _run_reader_beside_writer(tmp_path, saves: int) -> dict:
+    path = os.path.join(tmp_path, "s")
+    done = os.path.join(tmp_path, "done")
+    reader = subprocess.Popen([sys.executable, "-c", READER, path, done, TESTS],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ops = {"saves": 0, "deletes": 0, "thins": 0, "gcs": 0}
+    try:
+        with deltackpt.open(path, block_size=BS, threads=1) as s:
+            for step in range(1, saves + 1):
+                s.save(state(step), step)
+                ops["saves"] += 1
+                deleted, thinned = s.prune(POLICY)  # delete, thin, then gc
+                ops["deletes"] += len(deleted)
+                ops["thins"] += len(thinned)
+                if step % 5 == 0:
+                    s.gc()
+                    ops["gcs"] += 1
+    finally:
+        open(done, "w").close()
+        out, err = reader.communicate(timeout=600)
+    assert reader.returncode == 0, err[-3000:]
+    counts = json.loads(out.strip().splitlines()[-1])
+    assert counts["failures"] == [], counts["failures"][:5]
+    assert counts["exact"] > 0
+    return {**counts, **ops}
+
+
+def test_reader_beside_writer_with_retention_and_gc(tmp_path):
+    r = _run_reader_beside_writer(tmp_path, saves=50)
+    assert r["deletes"] == 42 and r["thins"] == 46 and r["gcs"] == 10
+
+
+@pytest.mark.stress
+def test_reader_beside_writer_stress(tmp_path):
+    t0 = time.time()
+    r = _run_reader_beside_writer(tmp_path, saves=1000)
+    print(f"\nreader beside writer: {r['saves']} saves, {r['deletes']} deletes, "
+          f"{r['thins']} thins (each prune then gc), {r['gcs']} explicit gcs; "
+          f"reads: {r['exact']} bit-exact, {r['not_found']} StepNotFoundError, "
+          f"{len(r['failures'])} failures ({time.time() - t0:.0f} s)")
+
+
+HOLDER = textwrap.dedent("""
+    import sys, time
+    import deltackpt
+    s = deltackpt.open(sys.argv[1])
+    s.save({"x": 1}, int(sys.argv[2]))  # the first mutation takes the writer lock
+    print("locked", flush=True)
+    time.sleep(float(sys.argv[3]))
+    s.close()
+""")
+
+
+def _holder(path: str, step: int, hold: float) -> subprocess.Popen:
+    p = subprocess.Popen([sys.executable, "-c", HOLDER, path, str(step), str(hold)],
+                         stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "locked"
+    return p
+
+
+def test_second_writer_is_refused_or_waits_with_lock_timeout(tmp_path):
+    path = os.path.join(tmp_path, "s")
+    with deltackpt.open(path) as s:
+        s.save({"x": 0}, 0)
+    p = _holder(path, 1, 60)
+    try:
+        with deltackpt.open(path) as s:
+            assert_state_equal(s.load(0), {"x": 0})  # readers need no lock
+            for call in (lambda: s.save({"x": 2}, 2), lambda: s.delete(0), s.gc):
+                with pytest.raises(StoreLockedError, match=f"pid {p.pid}"):
+                    call()
+    finally:
+        p.kill()
+        p.wait()
+    p = _holder(path, 3, 1.0)
+    try:
+        with deltackpt.open(path, lock_timeout=120) as s:
+            with pytest.raises(StoreLockedError):
+                s._lock.acquire(0)  # held right now ...
+            s.save({"x": 4}, 4)  # ... so this waits for the holder to close, then proceeds
+            assert s.steps() == [0, 1, 3, 4]
+    finally:
+        p.wait()
+
+
+def test_a_lock_left_by_a_killed_writer_is_recovered(tmp_path):
+    path = os.path.join(tmp_path, "s")
+    p = _holder(path, 1, 600)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    with open(os.path.join(path, "lock")) as f:
+        assert f"pid {p.pid}" in f.read()  # the file stays; the kernel dropped the flock
+    with deltackpt.open(path) as s:
+        s.save({"x": 2}, 2)
+        s.gc()
+        assert s.steps() == [1, 2] and s.verify().ok
+
+
+def test_gc_needs_the_writer_lock_so_it_cannot_run_beside_another_process_save(tmp_path):
+    path = os.path.join(tmp_path, "s")
+    with deltackpt.open(path) as s:
+        s.save(state(1), 1)
+        s.delete(1)  # its blocks are garbage now ...
+    p = _holder(path, 2, 60)  # ... while another process is the writer
+    try:
+        with deltackpt.open(path) as s:
+            with pytest.raises(StoreLockedError):
+                s.gc()
+            before = {r[0] for r in s._index.query("SELECT id FROM blocks")}
+        assert before  # nothing was collected
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_gc_in_one_thread_never_removes_a_block_a_save_in_another_is_reusing(tmp_path):
+    path = os.path.join(tmp_path, "s")
+    stop = threading.Event()
+    errors = []
+    with deltackpt.open(path, block_size=BS, threads=1) as s:
+        def collector():
+            while not stop.is_set():
+                try:
+                    s.gc()
+                except BaseException as exc:  # noqa: BLE001
+                    errors.append(exc)
+                    return
+
+        t = threading.Thread(target=collector)
+        t.start()
+        try:
+            for step in range(1, 25):
+                # the same content every other step: the save dedups against blocks of a
+                # step deleted just before, which the collector is trying to remove
+                s.save(state(step % 2), step)
+                if step > 1:
+                    s.delete(step - 1)
+        finally:
+            stop.set()
+            t.join()
+        assert errors == []
+        assert s.steps() == [24]
+        assert_state_equal(s.load(24), state(0))
+        assert s.verify().ok
+        s.gc()
+        assert_state_equal(s.load(24), state(0))
+
+
+def test_a_reader_opens_and_loads_while_a_writer_is_inside_a_transaction(tmp_path):
+    """Opening writes nothing to an up-to-date index: it cannot queue behind a commit."""
+    path = os.path.join(tmp_path, "s")
+    with deltackpt.open(path) as s:
+        s.save(state(1), 1)
+    con = sqlite3.connect(os.path.join(path, "index.sqlite"), isolation_level=None)
+    con.execute("BEGIN IMMEDIATE")  # a writer between BEGIN and COMMIT
+    con.execute("DELETE FROM steps WHERE step = -1")
+    try:
+        with deltackpt.open(path) as s:
+            assert_state_equal(s.load(1), state(1))
+            assert s.verify().ok and s.steps() == [1]
+    finally:
+        con.execute("ROLLBACK")
+        con.close()
+
+
+def test_a_reader_sees_a_manifest_replaced_by_thin_in_another_store(tmp_path):
+    """thin() replaces a manifest in place; a reader that read the old one must not keep
+    seeing it (it would contradict the thinned index: found by the stress run above)."""
+    path = os.path.join(tmp_path, "s")
+    with deltackpt.open(path) as w:
+        w.save(state(1), 1)
+    with deltackpt.open(path) as reader:
+        assert_state_equal(reader.load(1), state(1))
+        assert reader.verify().ok
+        with deltackpt.open(path) as w:
+            w.thin(1, ["w"])
+        assert_state_equal(reader.load(1), {"w": state(1)["w"]})
+        assert reader.verify().ok
