@@ -39,7 +39,7 @@ from .fsspec_backend import (
 )
 from .packs import MANIFEST_PREFIX, PACK_PREFIX, scan_pack
 from .reindex import ReindexResult, rebuild_into
-from .store import CONFIG_NAME, INDEX_NAME, Store, StoreConfig, _new_config
+from .store import CONFIG_NAME, INDEX_NAME, Store, StoreConfig, _new_config, existing_config
 
 LEASE_NAME = "lease.json"
 DEFAULT_LEASE_TTL = 60.0
@@ -523,9 +523,6 @@ def open_remote(target: str | FsspecBackend, *, block_size: int | None = None,
     """Open (creating if missing) the store at an object-storage URL or
     :class:`FsspecBackend`; see :func:`deltackpt.open` and docs/object-storage.md.
     ``fsync`` is accepted for symmetry: a committed object is always durable."""
-    from .codec import CodecConfig
-    from .delta import DeltaConfig
-
     if isinstance(target, FsspecBackend):
         backend = target
     else:
@@ -550,23 +547,7 @@ def open_remote(target: str | FsspecBackend, *, block_size: int | None = None,
         except FileExistsError:  # another process created it first: use theirs
             raw = backend.read(CONFIG_NAME)
     if raw is not None:
-        try:
-            data = json.loads(raw)
-        except ValueError as exc:
-            raise InvalidStoreError(f"{url}: unreadable {CONFIG_NAME}: {exc}") from None
-        if not isinstance(data, dict):
-            raise InvalidStoreError(f"{url}: {CONFIG_NAME} is not a JSON object")
-        cfg = StoreConfig.from_json(data, url)
-        if block_size is not None and block_size != cfg.block_size:
-            raise InvalidStoreError(f"{url}: store was created with block_size "
-                                    f"{cfg.block_size}; it cannot change to {block_size}")
-        if hash is not None and hash != cfg.hash:
-            raise InvalidStoreError(f"{url}: store was created with hash {cfg.hash}; "
-                                    f"it cannot change to {hash}")
-        if level is not None:
-            cfg.codec = CodecConfig(level=level, bytegroup=cfg.codec.bytegroup)
-        if delta is not None:
-            cfg.delta = DeltaConfig.parse(delta)
+        cfg = existing_config(raw, url, block_size, hash, level, delta)
     cache = os.fspath(cache_dir) if cache_dir is not None else default_cache_dir(url)
     return RemoteStore(backend, cfg, cache, threads=threads, lock_timeout=lock_timeout,
                        lease_ttl=lease_ttl, base_cache_bytes=base_cache_bytes,

@@ -310,6 +310,19 @@ class Store:
             raise TypeError(f"step must be an int, not {type(step).__name__}")
         return int(step)
 
+    def _step_record_args(self, step: Any, metrics: Any, tags: Any,
+                          note: Any) -> tuple[int, str, list[str]]:
+        """Check what a new step records (save and commit_external): the step number,
+        metrics as JSON, tags as a list."""
+        step = self._step_arg(step)
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        metrics_json = _metrics_json(metrics)
+        tags_list = _tags_list(tags)
+        if note is not None and not isinstance(note, str):
+            raise TypeError("note must be a str or None")
+        return step, metrics_json, tags_list
+
     def _not_found(self, step: int) -> StepNotFoundError:
         have = self.steps()
         hint = (f"; committed steps: {_short_list(have)}" if have else "; the store is empty")
@@ -334,13 +347,7 @@ class Store:
         """
         self._check_open()
         t0 = time.perf_counter()
-        step = self._step_arg(step)
-        if step < 0:
-            raise ValueError(f"step must be >= 0, got {step}")
-        metrics_json = _metrics_json(metrics)
-        tags_list = _tags_list(tags)
-        if note is not None and not isinstance(note, str):
-            raise TypeError("note must be a str or None")
+        step, metrics_json, tags_list = self._step_record_args(step, metrics, tags, note)
         tree, leaves = flatten(state)
         tree_json = json.dumps(tree, separators=(",", ":"), allow_nan=False)
         crash_point("save:after-flatten")
@@ -1158,13 +1165,7 @@ class Store:
 
         self._check_open()
         t0 = time.perf_counter()
-        step = self._step_arg(step)
-        if step < 0:
-            raise ValueError(f"step must be >= 0, got {step}")
-        metrics_json = _metrics_json(metrics)
-        tags_list = _tags_list(tags)
-        if note is not None and not isinstance(note, str):
-            raise TypeError("note must be a str or None")
+        step, metrics_json, tags_list = self._step_record_args(step, metrics, tags, note)
         where = f"{self.location}: step {step}"
         tree_json = json.dumps(tree, separators=(",", ":"), allow_nan=False)
         by_idx = {int(e["idx"]): e for e in entries}
@@ -1772,24 +1773,8 @@ def open_store(
     if os.path.exists(config_path):
         if not os.path.isfile(config_path):  # a FIFO here would block open() forever
             raise InvalidStoreError(f"{root}: {CONFIG_NAME} is not a regular file")
-        with open(config_path, encoding="utf-8") as f:
-            try:
-                data = json.load(f)
-            except ValueError as exc:
-                raise InvalidStoreError(f"{root}: unreadable {CONFIG_NAME}: {exc}") from None
-        if not isinstance(data, dict):
-            raise InvalidStoreError(f"{root}: {CONFIG_NAME} is not a JSON object")
-        cfg = StoreConfig.from_json(data, root)
-        if block_size is not None and block_size != cfg.block_size:
-            raise InvalidStoreError(f"{root}: store was created with block_size "
-                                    f"{cfg.block_size}; it cannot change to {block_size}")
-        if hash is not None and hash != cfg.hash:
-            raise InvalidStoreError(f"{root}: store was created with hash {cfg.hash}; "
-                                    f"it cannot change to {hash}")
-        if level is not None:
-            cfg.codec = CodecConfig(level=level, bytegroup=cfg.codec.bytegroup)
-        if delta is not None:
-            cfg.delta = DeltaConfig.parse(delta)
+        with open(config_path, "rb") as f:
+            cfg = existing_config(f.read(), root, block_size, hash, level, delta)
     else:
         if not create:
             raise InvalidStoreError(f"{root}: no deltackpt store here")
@@ -1816,6 +1801,29 @@ def open_store(
     return Store(backend, index_path, cfg,
                  lock_path=os.path.join(root, LOCK_NAME), threads=threads,
                  lock_timeout=lock_timeout, location=root, base_cache_bytes=base_cache_bytes)
+
+
+def existing_config(raw: bytes, where: str, block_size, hash, level, delta) -> StoreConfig:
+    """The config stored as ``raw`` (a store's ``deltackpt.json``) with this session's
+    overrides; ``block_size`` and ``hash`` are fixed at creation and may only repeat it."""
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise InvalidStoreError(f"{where}: unreadable {CONFIG_NAME}: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidStoreError(f"{where}: {CONFIG_NAME} is not a JSON object")
+    cfg = StoreConfig.from_json(data, where)
+    if block_size is not None and block_size != cfg.block_size:
+        raise InvalidStoreError(f"{where}: store was created with block_size "
+                                f"{cfg.block_size}; it cannot change to {block_size}")
+    if hash is not None and hash != cfg.hash:
+        raise InvalidStoreError(f"{where}: store was created with hash {cfg.hash}; "
+                                f"it cannot change to {hash}")
+    if level is not None:
+        cfg.codec = CodecConfig(level=level, bytegroup=cfg.codec.bytegroup)
+    if delta is not None:
+        cfg.delta = DeltaConfig.parse(delta)
+    return cfg
 
 
 def _new_config(block_size, hash, level, delta) -> StoreConfig:
