@@ -33,6 +33,7 @@ from .dtypes import dtype_info, numpy_dtype, torch_dtype
 from .errors import CorruptionError, InvalidInputError, StepExistsError
 from .export import StepReader, StoredEntry
 from .flatten import unflatten
+from .store import wait_all
 from .tensors import empty_output, finish_output, output_bytes
 
 if TYPE_CHECKING:
@@ -151,15 +152,7 @@ def _average_once(store: Store, steps: list[int], select: str | Sequence[str] | 
         else:
             _average_range(reader, steps, sources, _elem_dtype(e), view[a:b], a, ema)
 
-    futures = [store._pool.submit(run, t) for t in tasks]
-    error = None
-    for f in futures:
-        try:
-            f.result()
-        except BaseException as exc:  # keep draining: no worker may outlive the call
-            error = error or exc
-    if error is not None:
-        raise error
+    wait_all([store._pool.submit(run, t) for t in tasks])
     values = {i: finish_output(e.kind, outputs[e.idx], e.attrs)
               for i, e in ((e.idx, e) for e in reader.entries[last])}
     return unflatten(reader.trees[last], values)

@@ -742,14 +742,7 @@ class Store:
         # hand out work in order of pack offset: sequential reads, warm caches
         order = sorted(tasks, key=lambda t: (locations[t[0]].pack, locations[t[0]].offset))
         futures = [self._pool.submit(decoder.decode_to, *t) for t in order]
-        error = None
-        for f in futures:
-            try:
-                f.result()
-            except BaseException as exc:  # keep draining: no worker may outlive the load
-                error = error or exc
-        if error is not None:
-            raise error
+        wait_all(futures)
 
     def _check_index_rows(self, step: int, tree_text: Any, manifest: Any,
                           rows: list[tuple]) -> None:
@@ -1801,6 +1794,19 @@ def open_store(
     return Store(backend, index_path, cfg,
                  lock_path=os.path.join(root, LOCK_NAME), threads=threads,
                  lock_timeout=lock_timeout, location=root, base_cache_bytes=base_cache_bytes)
+
+
+def wait_all(futures: Iterable[Future]) -> None:
+    """Wait for every future, then raise the first error: a caller must not return
+    (and free the buffers workers write into) while any worker is still running."""
+    error = None
+    for f in futures:
+        try:
+            f.result()
+        except BaseException as exc:
+            error = error or exc
+    if error is not None:
+        raise error
 
 
 def existing_config(raw: bytes, where: str, block_size, hash, level, delta) -> StoreConfig:
