@@ -46,7 +46,7 @@ from safetensors.torch import load_file, save_file
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
-from bench_delta import trace_files  # noqa: E402
+from bench_delta import fsync_save, trace_files  # noqa: E402
 
 import deltackpt  # noqa: E402
 
@@ -61,15 +61,6 @@ def fsync_path(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def torch_save(state, path: str) -> float:
-    t = time.perf_counter()
-    with open(path, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    return time.perf_counter() - t
 
 
 def st_save(flat: dict, path: str) -> float:
@@ -124,7 +115,7 @@ def bench_trace(name: str, work: str, repeat: int, steps: int) -> dict:
             shutil.rmtree(root, ignore_errors=True)
             with deltackpt.open(root, delta=delta) as store:
                 for i, (step, flat) in enumerate(states):
-                    t_pt = torch_save(flat, pt)
+                    t_pt = fsync_save(flat, pt)
                     b_pt = os.path.getsize(pt)
                     t_sf = st_save(flat, sf)
                     b_sf = os.path.getsize(sf)
@@ -250,7 +241,7 @@ def bench_gpt2(work: str, repeat: int) -> dict:
                     if state is not None:
                         store.save(base, step=0)
                     gc.collect()
-                    t_pt.append(torch_save(target, pt))
+                    t_pt.append(fsync_save(target, pt))
                     b_pt = os.path.getsize(pt)
                     t_sf.append(st_save(target, sf))
                     t = time.perf_counter()
@@ -307,7 +298,7 @@ def rss_child(args: list[str]) -> None:
     elif op == "torch_save":
         flat = load_file(src)
         with PeakRSS() as p:
-            torch_save(flat, root)
+            fsync_save(flat, root)
     elif op == "load":
         with deltackpt.open(root) as store, PeakRSS() as p:
             state = store.load(1)
