@@ -2,7 +2,9 @@
 
 The index is written directly through deltackpt/index.py (no packs, no data): N steps of
 E entries (70% one block, 30% 2-8 blocks), a fraction of the entries changing at each
-step, delta chains of up to 8 keyframe-policy hops. Peers measured in the same run:
+step, delta chains of up to 8 keyframe-policy hops, and each step's summary row written as a
+save writes it (deltackpt/summaries.py; its cost per step is printed). Peers measured in the
+same run:
 ``stats v1`` (the per-row SQL + Store.log() implementation this replaced) and a per-row
 Python what-if (``Store.live_blocks``-style closure over ``SELECT`` results).
 
@@ -23,6 +25,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import deltackpt  # noqa: E402
+from deltackpt import summaries  # noqa: E402
 from deltackpt.diff import diff  # noqa: E402
 from deltackpt.hashing import unpack_ids  # noqa: E402
 from deltackpt.index import Index  # noqa: E402
@@ -30,7 +33,8 @@ from deltackpt.stats import snapshot, store_stats  # noqa: E402
 from deltackpt.whatif import Policy, whatif  # noqa: E402
 
 
-def build(path: str, steps: int, entries: int, change: float, seed: int = 0) -> None:
+def build(path: str, steps: int, entries: int, change: float, seed: int = 0) -> float:
+    """Write the index; returns the median seconds one step's summary took to record."""
     with deltackpt.open(path):
         pass
     idx = Index(os.path.join(path, "index.sqlite"), durable=False)
@@ -43,6 +47,7 @@ def build(path: str, steps: int, entries: int, change: float, seed: int = 0) -> 
     cur = [[rng.bytes(16) for _ in range(n)] for n in nblk]
     root: dict[bytes, tuple[bytes, int]] = {}
     block = 1 << 20
+    record_s = []
     with idx.write():
         conn.execute("INSERT INTO packs(id, name, size, created_at) VALUES (1, 'packs/00/x.pack', "
                      "0, 0)")
@@ -64,7 +69,7 @@ def build(path: str, steps: int, entries: int, change: float, seed: int = 0) -> 
                     ids.append(nb)
                 cur[e] = ids
             new.sort()
-            conn.executemany("INSERT INTO blocks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", new)
+            summaries.insert_blocks(conn, new)
             conn.execute(
                 "INSERT INTO steps VALUES (?, ?, '{}', '[]', NULL, '{}', ?, ?, ?, ?, ?, ?)",
                 (s, float(s), int(nblk.sum()) * block, sum(r[3] for r in new), len(new),
@@ -73,7 +78,11 @@ def build(path: str, steps: int, entries: int, change: float, seed: int = 0) -> 
                 "INSERT INTO entries VALUES (?, ?, ?, 'tensor', 'float32', ?, ?, ?, ?)",
                 [(s, i, paths[i], f"[{int(nblk[i]) * block // 4}]", int(nblk[i]) * block, block,
                   b"".join(cur[i])) for i in range(entries)])
+            t0 = time.perf_counter()
+            summaries.record(conn, [s])
+            record_s.append(time.perf_counter() - t0)
     idx.close()
+    return statistics.median(record_s)
 
 
 def stats_v1(store) -> dict:
@@ -125,8 +134,13 @@ def main() -> None:
     path = f"{args.index}-{args.steps}x{args.entries}x{args.change}"
     if not os.path.exists(os.path.join(path, "index.sqlite")):
         t0 = time.perf_counter()
-        build(path, args.steps, args.entries, args.change)
-        print(f"built {path} in {time.perf_counter() - t0:.0f}s")
+        record = build(path, args.steps, args.entries, args.change)
+        print(f"built {path} in {time.perf_counter() - t0:.0f}s; recording one step's summary "
+              f"(as a save does) took {record * 1e3:.1f} ms (median)")
+    t0 = time.perf_counter()
+    with deltackpt.open(path, create=False):  # migrates an index built by an older deltackpt
+        pass
+    print(f"open: {time.perf_counter() - t0:.2f} s")
     with deltackpt.open(path, create=False) as store:
         (nb,) = store._index.query("SELECT COUNT(*) FROM blocks")[0]
         (ne,) = store._index.query("SELECT COUNT(*) FROM entries")[0]
@@ -135,19 +149,23 @@ def main() -> None:
         policies = [Policy("keep_last", 10), Policy("keep_every", 100), Policy("save_every", 5)]
         last = args.steps - 1
         results = {
-            "snapshot (shared by all below)": timed(lambda: snapshot(store), args.repeat),
-            "stats (snapshot + per step/component)": timed(lambda: store_stats(store),
+            "full snapshot (report, --by-entry)": timed(lambda: snapshot(store), args.repeat),
+            "stats (per step/component, summaries)": timed(lambda: store_stats(store),
                                                             args.repeat),
             "stats v1 (peer: old per-row code)": timed(lambda: stats_v1(store), args.repeat),
             "diff --no-data (first vs last step)": timed(
                 lambda: diff(store, 0, last, data=False), args.repeat),
-            "what-if, 1 + 3 policies (snapshot incl.)": timed(
+            "what-if, 1 + 3 policies (summaries)": timed(
                 lambda: whatif(store, policies), args.repeat),
+            "what-if, default policies (summaries)": timed(lambda: whatif(store), args.repeat),
             "what-if keep-last 10, per-row Python (peer)": timed(
                 lambda: whatif_rows(store, set(range(last - 9, last + 1))), 1),
         }
         ours = whatif(store, [Policy("keep_last", 10)])[1]["stored_bytes"]
         assert ours == results["what-if keep-last 10, per-row Python (peer)"][1], "mismatch"
+        st = results["stats (per step/component, summaries)"][1]
+        for x in st["steps"]:  # every written byte is accounted to a component
+            assert sum(c["written_bytes"] for c in x["components"].values()) == x["written_bytes"]
     for name, (t, _) in results.items():
         print(f"{name:48s} {t:8.3f} s")
 

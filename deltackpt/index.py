@@ -34,7 +34,7 @@ def is_corruption(exc: sqlite3.Error) -> bool:
         ("no such table", "no such column", "malformed database schema",
          "Could not decode to UTF-8"))  # a flipped bit in a TEXT value
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 SCHEMA_V1 = """
 CREATE TABLE meta (
@@ -89,8 +89,27 @@ CREATE TABLE entries (
 CREATE INDEX entries_path ON entries(path, step);
 """
 
-#: migrations[v] upgrades a schema at version v to v + 1
-MIGRATIONS: dict[int, str] = {}
+#: schema 2: per-step summaries for stats and what-if (deltackpt/summaries.py)
+MIGRATION_V1_V2 = """
+ALTER TABLE blocks ADD COLUMN seq INTEGER;  -- small integer name of the block, unique
+CREATE UNIQUE INDEX blocks_seq ON blocks(seq);
+CREATE TABLE step_stats (
+    step INTEGER PRIMARY KEY REFERENCES steps(step) ON DELETE CASCADE,
+    components TEXT NOT NULL,       -- JSON {component: [logical_bytes, written_bytes]}
+    new_raw_bytes INTEGER NOT NULL, -- raw bytes of the blocks counted in written_bytes
+    refs BLOB NOT NULL              -- distinct blocks.seq referenced, ascending, u64 LE
+);
+"""
+
+#: migrations[v] upgrades a schema at version v to v + 1: DDL, then the data step (if any)
+MIGRATIONS: dict[int, str] = {1: MIGRATION_V1_V2}
+
+
+def _migrate_data(conn: sqlite3.Connection, version: int) -> None:
+    if version == 1:
+        from .summaries import migrate_v1
+
+        migrate_v1(conn)
 
 
 class Index:
@@ -170,6 +189,7 @@ class Index:
             while version < SCHEMA_VERSION:
                 for stmt in _statements(MIGRATIONS[version]):
                     self.conn.execute(stmt)
+                _migrate_data(self.conn, version)
                 version += 1
             self.conn.execute(
                 "INSERT OR REPLACE INTO meta(key, value) VALUES ('schema_version', ?)",

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import summaries
 from .backend import PARTIAL_SUFFIX, Backend, LocalBackend
 from .errors import CorruptionError, FormatVersionError, InvalidStoreError
 from .hashing import unpack_ids
@@ -192,7 +193,7 @@ def rebuild_into(idx: Index, backend: Backend, result: ReindexResult, *,
     used = {bid for bid in first_step}
     with idx.write() as conn:
         if replace:
-            for table in ("entries", "steps", "blocks", "packs"):
+            for table in ("step_stats", "entries", "steps", "blocks", "packs"):
                 conn.execute(f"DELETE FROM {table}")
         present = {r[0] for r in conn.execute("SELECT step FROM steps")} if incremental \
             else set()
@@ -203,13 +204,12 @@ def rebuild_into(idx: Index, backend: Backend, result: ReindexResult, *,
             pack_ids[name] = conn.execute("SELECT id FROM packs WHERE name=?",
                                           (name,)).fetchone()[0]
         depth_of: dict[bytes, int] = dict(known)
-        for bid in used:
+        rows = []
+        for bid in sorted(used):
             pack, off, ln, raw, codec, base = blocks[bid]
-            conn.execute(
-                "INSERT OR IGNORE INTO blocks(id, pack_id, offset, length, raw_len, codec, base, "
-                "depth, first_step) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (bid, pack_ids[pack], off, ln, raw, codec, base,
-                 _depth(bid, blocks, depth_of), first_step[bid]))
+            rows.append((bid, pack_ids[pack], off, ln, raw, codec, base,
+                         _depth(bid, blocks, depth_of), first_step[bid]))
+        summaries.insert_blocks(conn, rows, ignore=True)
         for name, m, step in steps:
             if step in present:  # another process sharing this cache added it meanwhile
                 continue
@@ -232,6 +232,7 @@ def rebuild_into(idx: Index, backend: Backend, result: ReindexResult, *,
                 [(step, int(e["idx"]), e["path"], e["kind"], e["dtype"],
                   json.dumps(e["shape"]), int(e["nbytes"]), int(e["block_size"]),
                   bytes.fromhex(e["blocks"])) for e in entries])
+            summaries.record(conn, [step])
             result.steps_recovered.append(step)
 
 def _with_bases(ids: set[bytes], blocks: dict[bytes, tuple],

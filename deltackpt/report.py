@@ -4,7 +4,7 @@ Needs matplotlib (``pip install deltackpt[report]``). The page
 (``index.html``) shows the totals, cumulative stored bytes against full copies,
 the bytes each save wrote by component, a heat-map of which entries changed at
 which step, the what-if table (:mod:`deltackpt.whatif`) and the entries that cost
-the most. Every figure comes from :func:`deltackpt.stats.snapshot`; no block data
+the most. Every figure comes from the index (:mod:`deltackpt.stats`); no block data
 is read.
 """
 
@@ -121,7 +121,7 @@ def report(store: Store, out_dir: str | os.PathLike, *, price_per_gb_month: floa
     os.makedirs(out_dir, exist_ok=True)
     if progress is not None:
         progress.total = 5
-    stats = store_stats(store, snap)
+    stats = store_stats(store)
     rows = whatif(store, policies, price_per_gb_month, snap)
     tops = top_entries(store, top, snap=snap)
     steps = snap.steps

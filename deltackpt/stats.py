@@ -1,12 +1,15 @@
 """Storage-cost figures computed from the index alone (no block data is read).
 
-:func:`snapshot` reads the whole index once, in one read transaction, into numpy
-arrays (one row per block, per block reference and per entry), so that
-:func:`store_stats`, :func:`top_entries`, the what-if table
-(:mod:`deltackpt.whatif`) and the change heat-map of the report are array
-arithmetic instead of per-row Python. Columns are fetched with ``group_concat``
-(a few large strings instead of millions of rows): that is what keeps ``stats``
-on a 1,000-step × 2,000-entry index under a second.
+Two read paths, both one read transaction:
+
+- the per-step summaries (:mod:`deltackpt.summaries`, written at save time) answer
+  :func:`store_stats` and, through :func:`ref_snapshot`, the what-if table
+  (:mod:`deltackpt.whatif`) without reading a single entry row: that is what keeps them
+  under a second on a 1,000-step × 2,000-entry index;
+- :func:`snapshot` reads the whole index into numpy arrays (one row per block, per block
+  reference and per entry) for the questions that need entry paths: :func:`top_entries`
+  and the report's change heat-map. Columns are fetched with ``group_concat`` (a few large
+  strings instead of millions of rows).
 
 Definitions (docs/analysis.md):
 
@@ -27,8 +30,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from . import summaries
 from .errors import CorruptionError, InvalidInputError
 from .hashing import ID_SIZE
+from .summaries import StepSummary
 
 if TYPE_CHECKING:
     from .store import Store
@@ -142,6 +147,39 @@ def snapshot(store: Store) -> IndexSnapshot:
             conn.text_factory = old
 
 
+def _blocks(conn: sqlite3.Connection, location: str, columns: tuple[str, ...],
+            ) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+    """The blocks table in id order, with ``conn.text_factory = bytes``: the ids as
+    :func:`_keys`, the integer ``columns`` and each block's base position (-1: none)."""
+    (n_blocks,) = conn.execute("SELECT COUNT(*) FROM blocks").fetchone()
+    concat = "".join(f"group_concat({c}), " for c in columns)
+    ids, *texts, bases, has_base = conn.execute(
+        f"SELECT group_concat(id, ''), {concat}"
+        "group_concat(COALESCE(base, zeroblob(16)), ''), group_concat(base IS NOT NULL) "
+        "FROM blocks").fetchone()
+    ids = ids or b""
+    if len(ids) != n_blocks * ID_SIZE:
+        raise CorruptionError(f"{location}: index holds malformed block ids")
+    keys = _keys(ids)
+    cols = [_ints(t, n_blocks, f"blocks.{c}") for c, t in zip(columns, texts)]
+    hb = _ints(has_base, n_blocks, "blocks.base").astype(bool)
+    base_keys = _keys(bases or b"")
+    if keys.size > 1 and not bool(np.all((keys[1:, 0] > keys[:-1, 0]) |
+                                         ((keys[1:, 0] == keys[:-1, 0]) &
+                                          (keys[1:, 1] > keys[:-1, 1])))):
+        order = np.lexsort((keys[:, 1], keys[:, 0]))  # rows did not come in id order
+        keys, hb, base_keys = keys[order], hb[order], base_keys[order]
+        cols = [c[order] for c in cols]
+    base = np.full(n_blocks, -1, dtype=np.int64)
+    if hb.any():
+        found = _lookup(keys, base_keys[hb])
+        if (found < 0).any():
+            raise CorruptionError(f"{location}: {int((found < 0).sum())} delta bases missing "
+                                  "from the index; run verify")
+        base[hb] = found
+    return keys, cols, base
+
+
 def _snapshot(conn: sqlite3.Connection, location: str) -> IndexSnapshot:
     srows = conn.execute(
         "SELECT step, created_at, logical_bytes, written_bytes, new_chunks, total_chunks, "
@@ -154,40 +192,8 @@ def _snapshot(conn: sqlite3.Connection, location: str) -> IndexSnapshot:
         except ValueError:
             m = {}
         metrics.append(m if isinstance(m, dict) else {})
-    (n_blocks,) = conn.execute("SELECT COUNT(*) FROM blocks").fetchone()
-    ids, lengths, raws, depths, firsts, bases, has_base = conn.execute(
-        "SELECT group_concat(id, ''), group_concat(length), group_concat(raw_len), "
-        "group_concat(depth), group_concat(first_step), "
-        "group_concat(COALESCE(base, zeroblob(16)), ''), group_concat(base IS NOT NULL) "
-        "FROM blocks").fetchone()
-    ids = ids or b""
-    if len(ids) != n_blocks * ID_SIZE:
-        raise CorruptionError(f"{location}: index holds malformed block ids")
-    keys = _keys(ids)
-    if keys.size > 1 and not bool(np.all((keys[1:, 0] > keys[:-1, 0]) |
-                                         ((keys[1:, 0] == keys[:-1, 0]) &
-                                          (keys[1:, 1] > keys[:-1, 1])))):
-        order = np.lexsort((keys[:, 1], keys[:, 0]))  # rows did not come in id order
-    else:
-        order = None
-    length = _ints(lengths, n_blocks, "blocks.length")
-    raw_len = _ints(raws, n_blocks, "blocks.raw_len")
-    depth = _ints(depths, n_blocks, "blocks.depth")
-    first_step = _ints(firsts, n_blocks, "blocks.first_step")
-    hb = _ints(has_base, n_blocks, "blocks.base").astype(bool)
-    base_keys = _keys(bases or b"")
-    if order is not None:
-        keys, length, raw_len, depth, first_step = (a[order] for a in (
-            keys, length, raw_len, depth, first_step))
-        hb, base_keys = hb[order], base_keys[order]
-    base = np.full(n_blocks, -1, dtype=np.int64)
-    if hb.any():
-        found = _lookup(keys, base_keys[hb])
-        if (found < 0).any():
-            raise CorruptionError(f"{location}: {int((found < 0).sum())} delta bases missing "
-                                  "from the index; run verify")
-        base[hb] = found
-
+    keys, cols, base = _blocks(conn, location, ("length", "raw_len", "depth", "first_step"))
+    length, raw_len, depth, first_step = cols
     erows = conn.execute(
         "SELECT step, group_concat(blocks, ''), group_concat(length(blocks) / 16), "
         "group_concat(nbytes), group_concat(path, char(0)), COUNT(*) "
@@ -280,74 +286,154 @@ def _lookup(sorted_keys: np.ndarray, wanted: np.ndarray) -> np.ndarray:
     return out
 
 
-def store_stats(store: Store, snap: IndexSnapshot | None = None) -> dict[str, Any]:
+def step_summaries(store: Store) -> tuple[list[tuple], list[StepSummary]]:
+    """``(step, created_at, logical, written, new_chunks, total_chunks)`` per committed step,
+    ascending, and each step's :class:`~deltackpt.summaries.StepSummary`, read in one
+    transaction (the summaries are written with the step: no entry row is read)."""
+    store._check_open()
+    with store._index.read() as conn:
+        rows = conn.execute(
+            "SELECT step, created_at, logical_bytes, written_bytes, new_chunks, total_chunks "
+            "FROM steps ORDER BY step").fetchall()
+        stored = {step: (comps, raw, refs) for step, comps, raw, refs in conn.execute(
+            "SELECT step, components, new_raw_bytes, refs FROM step_stats")}
+        out = []
+        for r in rows:
+            got = stored.get(r[0])
+            if got is None:  # cannot happen: every writer of entries writes the summary
+                raise CorruptionError(f"{store.location}: step {r[0]} has no summary row; "
+                                      f"rebuild the index with `deltackpt reindex`")
+            out.append(summaries.decode(*got))
+        return rows, out
+
+
+@dataclass
+class RefSnapshot:
+    """What the what-if table needs, from the per-step summaries: steps, their logical
+    bytes, the blocks (frame length, depth, base) and which step references which block.
+    Has the same fields, with the same meaning, as those of :class:`IndexSnapshot`."""
+
+    steps: np.ndarray
+    logical: np.ndarray
+    length: np.ndarray
+    depth: np.ndarray
+    base: np.ndarray  # block position of the delta base, -1 for a keyframe
+    ref_step: np.ndarray
+    ref_block: np.ndarray
+
+    @property
+    def n_blocks(self) -> int:
+        return int(self.length.size)
+
+
+def ref_snapshot(store: Store) -> RefSnapshot:
+    """The blocks and each step's block references, from ``step_stats`` and ``blocks``
+    in one read transaction; no entry row is read."""
+    store._check_open()
+    with store._index.read() as conn:
+        old = conn.text_factory
+        conn.text_factory = bytes
+        try:
+            srows = conn.execute(
+                "SELECT s.step, s.logical_bytes, t.refs FROM steps s "
+                "LEFT JOIN step_stats t ON t.step = s.step ORDER BY s.step").fetchall()
+            _, (seq, length, depth), base = _blocks(conn, store.location,
+                                                    ("seq", "length", "depth"))
+        finally:
+            conn.text_factory = old
+    n = length.size
+    if n and seq.min() < 1:
+        raise CorruptionError(f"{store.location}: index holds blocks without a seq")
+    pos_of = np.full(int(seq.max()) + 1 if n else 1, -1, dtype=np.int64)
+    pos_of[seq] = np.arange(n, dtype=np.int64)
+    steps = np.array([r[0] for r in srows], dtype=np.int64)
+    logical = np.array([r[1] for r in srows], dtype=np.int64)
+    parts, counts = [], []
+    for step, _, refs in srows:
+        if refs is None:
+            raise CorruptionError(f"{store.location}: step {step} has no summary row; "
+                                  f"rebuild the index with `deltackpt reindex`")
+        arr = summaries.decode("{}", 0, refs).refs
+        parts.append(arr)
+        counts.append(arr.size)
+    refs_all = np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+    if refs_all.size and (refs_all.max() >= pos_of.size or (pos_of[refs_all] < 0).any()):
+        raise CorruptionError(f"{store.location}: a step summary references a block missing "
+                              "from the index; run verify")
+    ref_block = pos_of[refs_all] if refs_all.size else refs_all
+    ref_step = np.repeat(np.arange(steps.size, dtype=np.int64), counts)
+    return RefSnapshot(steps, logical, length, depth, base, ref_step, ref_block)
+
+
+def store_stats(store: Store) -> dict[str, Any]:
     """Per-step and total logical/written/stored bytes, dedup and compression ratios,
     and the split of logical and written bytes by top-level component.
 
     ``dedup_ratio`` is the fraction of a step's block references that were
     already stored; ``compression_ratio`` is the raw size of the blocks the step
-    wrote over the bytes written for them (frames, deltas included);
+    wrote (and still references) over their frame bytes (deltas included);
     ``full_copies_bytes`` is the running sum of logical bytes (one full copy per
     step). ``components[name]`` holds ``logical_bytes`` and ``written_bytes``
     whose sums over components equal the step's (see :data:`DROPPED`).
+    Read from the per-step summaries of the index (:mod:`deltackpt.summaries`).
     """
-    snap = snap if snap is not None else snapshot(store)
-    n = snap.steps.size
-    names, comp_of_path = snap.components()
-    nc = len(names)
-    comp_logical = np.bincount(snap.entry_step * nc + comp_of_path[snap.entry_path],
-                               weights=snap.entry_nbytes, minlength=n * nc).reshape(n, nc)
-    new = snap.new_refs()
-    rs = snap.ref_step[new]
-    rc = comp_of_path[snap.entry_path[snap.ref_entry[new]]]
-    comp_written = np.bincount(rs * nc + rc, weights=snap.length[snap.ref_block[new]],
-                               minlength=n * nc).reshape(n, nc)
-    # raw and frame bytes of the blocks each step wrote, for its compression ratio
-    pos = np.searchsorted(snap.steps, snap.first_step)
-    mine = (pos < n) & (snap.steps[np.minimum(pos, max(n - 1, 0))] == snap.first_step) \
-        if n else np.zeros(snap.n_blocks, dtype=bool)
-    raw_by = np.bincount(pos[mine], weights=snap.raw_len[mine], minlength=n)
-    len_by = np.bincount(pos[mine], weights=snap.length[mine], minlength=n)
+    rows, sums = step_summaries(store)
+    size: dict[str, int] = {}
+    for sm in sums:
+        for name, (logical, _) in sm.components.items():
+            size[name] = size.get(name, 0) + logical
+    all_names = sorted(size)
+    if len(all_names) <= MAX_COMPONENTS:
+        names, group = all_names, {n: n for n in all_names}
+    else:  # the largest by logical bytes (ties: name order), the rest as "(other)"
+        largest = sorted(all_names, key=lambda n: -size[n])[:MAX_COMPONENTS - 1]
+        kept = sorted(largest)
+        names = [*kept, OTHER]
+        group = {n: (n if n in largest else OTHER) for n in all_names}
+    totals = {name: {"logical_bytes": 0, "written_bytes": 0} for name in names}
     steps: list[dict[str, Any]] = []
     cumulative = full = 0
-    for i in range(n):
-        logical, written = int(snap.logical[i]), int(snap.written[i])
+    for (step, _, logical, written, new_chunks, total_chunks), sm in zip(rows, sums):
         cumulative += written
         full += logical
-        comps = {name: {"logical_bytes": int(comp_logical[i, c]),
-                        "written_bytes": int(comp_written[i, c])} for c, name in enumerate(names)}
+        comps = {name: {"logical_bytes": 0, "written_bytes": 0} for name in names}
+        for name, (lg, wr) in sm.components.items():
+            c = comps[group[name]]
+            c["logical_bytes"] += lg
+            c["written_bytes"] += wr
+        for name, c in comps.items():
+            totals[name]["logical_bytes"] += c["logical_bytes"]
+            totals[name]["written_bytes"] += c["written_bytes"]
         # entries of thinned steps no longer account for what the save wrote
-        dropped_logical = logical - int(comp_logical[i].sum())
-        dropped_written = written - int(comp_written[i].sum())
+        dropped_logical = logical - sum(c["logical_bytes"] for c in comps.values())
+        dropped_written = written - sum(c["written_bytes"] for c in comps.values())
         if dropped_logical or dropped_written:
             comps[DROPPED] = {"logical_bytes": dropped_logical, "written_bytes": dropped_written}
-        total_chunks, new_chunks = int(snap.total_chunks[i]), int(snap.new_chunks[i])
+        frames = sm.new_frame_bytes
         steps.append({
-            "step": int(snap.steps[i]),
-            "logical_bytes": logical,
-            "written_bytes": written,
+            "step": int(step),
+            "logical_bytes": int(logical),
+            "written_bytes": int(written),
             "cumulative_stored_bytes": cumulative,
             "full_copies_bytes": full,
-            "new_chunks": new_chunks,
-            "total_chunks": total_chunks,
+            "new_chunks": int(new_chunks),
+            "total_chunks": int(total_chunks),
             "dedup_ratio": 1 - new_chunks / total_chunks if total_chunks else 1.0,
-            "compression_ratio": float(raw_by[i] / len_by[i]) if len_by[i] else 1.0,
+            "compression_ratio": sm.new_raw_bytes / frames if frames else 1.0,
             "components": comps,
         })
     stored = store.stored_bytes()
-    logical_total = int(snap.logical.sum())
-    totals = {name: {"logical_bytes": int(comp_logical[:, c].sum()),
-                     "written_bytes": int(comp_written[:, c].sum())}
-              for c, name in enumerate(names)}
+    logical_total = sum(int(r[2]) for r in rows)
+    live_frames = store._index.query("SELECT COALESCE(SUM(length), 0) FROM blocks")[0][0]
     return {
         "steps": steps,
         "components": names,
         "total": {
-            "steps": n,
+            "steps": len(rows),
             "logical_bytes": logical_total,
-            "written_bytes": int(snap.written.sum()),
+            "written_bytes": sum(int(r[3]) for r in rows),
             "stored_bytes": stored,
-            "live_frame_bytes": int(snap.length.sum()),
+            "live_frame_bytes": int(live_frames),
             "stored_fraction": stored / logical_total if logical_total else 0.0,
             "components": totals,
         },

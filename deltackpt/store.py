@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from . import codec as codec_mod
+from . import summaries
 from .backend import PARTIAL_SUFFIX, Backend, LocalBackend, MemoryBackend
 from .codec import CodecConfig, FrameInfo
 from .delta import MAX_CHAIN_HOPS, DeltaConfig
@@ -200,13 +201,21 @@ class Store:
         self.location = location
         self._index = Index(index_path, durable=backend.durable)
         self._index.check_version()
+        self._lock = WriterLock(lock_path) if lock_path else None
         # opening an up-to-date index writes nothing: readers must not queue behind a writer
         if self._index.schema_version() != SCHEMA_VERSION:
-            self._index.create_or_migrate({
-                "format_version": str(FORMAT_VERSION),
-                "created_at": repr(time.time()),
-            })
-        self._lock = WriterLock(lock_path) if lock_path else None
+            # creating or migrating the schema under the writer lock: a writer of an older
+            # deltackpt must not commit into a schema it does not know (format.md §17)
+            if self._lock is not None:
+                self._lock.acquire(lock_timeout)
+            try:
+                self._index.create_or_migrate({
+                    "format_version": str(FORMAT_VERSION),
+                    "created_at": repr(time.time()),
+                })
+            finally:
+                if self._lock is not None:
+                    self._lock.release()
         self._lock_timeout = lock_timeout
         self._mutex = threading.RLock()
         self._threads = threads or _default_threads()
@@ -395,12 +404,9 @@ class Store:
                         "INSERT INTO packs(name, size, created_at) VALUES (?, ?, ?)",
                         (name, size, created))
                     pack_ids[name] = cur.lastrowid
-                conn.executemany(
-                    "INSERT INTO blocks(id, pack_id, offset, length, raw_len, codec, base, "
-                    "depth, first_step) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [(bid, pack_ids[pk], off, ln, raw, cd, base, depth, step)
-                     for bid, (pk, off, ln, raw, cd, base, depth) in new_blocks.items()],
-                )
+                summaries.insert_blocks(
+                    conn, [(bid, pack_ids[pk], off, ln, raw, cd, base, depth, step)
+                           for bid, (pk, off, ln, raw, cd, base, depth) in new_blocks.items()])
                 conn.execute(
                     "INSERT INTO steps(step, created_at, metrics, tags, note, tree, "
                     "logical_bytes, written_bytes, new_chunks, total_chunks, parent, manifest) "
@@ -415,6 +421,7 @@ class Store:
                       json.dumps(list(p.leaf.shape)), p.data.nbytes,
                       p.spans[0][1] if p.spans else 0, b"".join(p.ids)) for p in plans],
                 )
+                summaries.record(conn, [step])
                 crash_point("save:before-commit")
             crash_point("save:after-commit")
             self._refresh_base_cache(plans, new_blocks)
@@ -965,6 +972,7 @@ class Store:
                     "UPDATE steps SET tree=?, logical_bytes=(SELECT COALESCE(SUM(nbytes), 0) "
                     "FROM entries WHERE step=?) WHERE step=?",
                     (json.dumps(tree, separators=(",", ":")), step, step))
+                summaries.record(conn, [step])
                 crash_point("thin:before-commit")
             crash_point("thin:after-commit")
             return len(gone)
@@ -1231,11 +1239,9 @@ class Store:
                 pack_ids = {name: conn.execute(
                     "INSERT INTO packs(name, size, created_at) VALUES (?, ?, ?)",
                     (name, size, created)).lastrowid for name, size in sizes.items()}
-                conn.executemany(
-                    "INSERT INTO blocks(id, pack_id, offset, length, raw_len, codec, base, "
-                    "depth, first_step) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [(bid, pack_ids[pk], off, ln, raw, cd, base, depth, step)
-                     for bid, (pk, off, ln, raw, cd, base, depth) in blocks.items()])
+                summaries.insert_blocks(
+                    conn, [(bid, pack_ids[pk], off, ln, raw, cd, base, depth, step)
+                           for bid, (pk, off, ln, raw, cd, base, depth) in blocks.items()])
                 conn.execute(
                     "INSERT INTO steps(step, created_at, metrics, tags, note, tree, "
                     "logical_bytes, written_bytes, new_chunks, total_chunks, parent, manifest) "
@@ -1245,6 +1251,7 @@ class Store:
                 conn.executemany(
                     "INSERT INTO entries(step, idx, path, kind, dtype, shape, nbytes, "
                     "block_size, blocks) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                summaries.record(conn, [step])
             return SaveResult(step, logical, written, len(blocks), total,
                               time.perf_counter() - t0)
 

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import InvalidInputError
-from .stats import IndexSnapshot, snapshot
+from .stats import IndexSnapshot, RefSnapshot, ref_snapshot
 
 if TYPE_CHECKING:
     from .store import Store
@@ -98,7 +98,7 @@ def default_policies(steps: np.ndarray) -> list[Policy]:
 class LiveSets:
     """Computes live(K) for many K over one :class:`IndexSnapshot`."""
 
-    def __init__(self, snap: IndexSnapshot) -> None:
+    def __init__(self, snap: IndexSnapshot | RefSnapshot) -> None:
         self.snap = snap
         has = np.nonzero(snap.base >= 0)[0]
         # a base is always shallower than its user (format.md §14.2), so one sweep from
@@ -130,13 +130,13 @@ class LiveSets:
 
 def whatif(store: Store, policies: list[Policy] | None = None,
            price_per_gb_month: float = DEFAULT_PRICE,
-           snap: IndexSnapshot | None = None) -> list[dict[str, Any]]:
+           snap: IndexSnapshot | RefSnapshot | None = None) -> list[dict[str, Any]]:
     """One row per policy (the current store first): steps kept, stored bytes and monthly
     cost, as defined in the module docstring. No block data is read."""
     if not price_per_gb_month >= 0 or price_per_gb_month == float("inf"):
         raise InvalidInputError(f"price per GB-month must be a finite number >= 0, not "
                                 f"{price_per_gb_month!r}")
-    snap = snap if snap is not None else snapshot(store)
+    snap = snap if snap is not None else ref_snapshot(store)
     policies = default_policies(snap.steps) if policies is None else list(policies)
     live_sets = LiveSets(snap)
     rows = []

@@ -89,18 +89,26 @@ def _read(layout: list[tuple[str, int, int, str]], buf: bytes, base: int = 0) ->
 # -- schema -------------------------------------------------------------------------------
 
 
-def test_sql_ddl_is_schema_v1(doc):
+def test_sql_ddl_is_schema_v1_and_the_migrations(doc):
     blocks = re.findall(r"```sql\n(.*?)```", doc, re.S)
     ddl = [b for b in blocks if "CREATE TABLE" in b]
-    assert len(ddl) == 1, "docs/format.md must hold exactly one ```sql block with the DDL"
+    assert len(ddl) == 1 + len(index.MIGRATIONS), (
+        "docs/format.md must hold one ```sql block with SCHEMA_V1 and one per migration")
     assert _norm(ddl[0]) == _norm(index.SCHEMA_V1), (
         "the DDL in docs/format.md differs from deltackpt.index.SCHEMA_V1: copy it verbatim "
         "(and add a migration if the schema changed)")
+    for v, script in sorted(index.MIGRATIONS.items()):
+        marker = f"<!-- ddl:v{v}-v{v + 1} -->"
+        assert doc.count(marker) == 1, f"docs/format.md needs the marker {marker}"
+        m = re.match(r"\s*```sql\n(.*?)```", doc.split(marker, 1)[1], re.S)
+        assert m and _norm(m.group(1)) == _norm(script), (
+            f"the DDL after {marker} differs from deltackpt.index.MIGRATIONS[{v}]")
 
 
 def test_schema_version_is_documented(doc):
-    assert index.SCHEMA_VERSION == 1, "new schema version: document it in docs/format.md"
-    assert index.MIGRATIONS == {}, "new migration: document it in docs/format.md section 17"
+    assert index.SCHEMA_VERSION == 2, "new schema version: document it in docs/format.md"
+    assert sorted(index.MIGRATIONS) == [1], "new migration: document it in docs/format.md"
+    assert "`index.SCHEMA_VERSION` | 2 |" in doc
 
 
 # -- frames -------------------------------------------------------------------------------

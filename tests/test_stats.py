@@ -191,7 +191,7 @@ def test_whatif_rejects_bad_input(store_dir):
 def test_snapshot_of_an_empty_store(tmp_path):
     with deltackpt.open(os.path.join(tmp_path, "e")) as s:
         snap = snapshot(s)
-        st = store_stats(s, snap)
+        st = store_stats(s)
         assert snap.steps.size == 0 and st["steps"] == [] and st["total"]["logical_bytes"] == 0
         assert whatif(s)[0]["stored_bytes"] == 0
 

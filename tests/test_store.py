@@ -593,7 +593,7 @@ def test_open_refuses_an_index_from_a_newer_schema(tmp_path):
     with deltackpt.open(path) as s:
         s.save({"a": 1}, 1)
     con = sqlite3.connect(os.path.join(path, "index.sqlite"))
-    con.execute("UPDATE meta SET value='2' WHERE key='schema_version'")
+    con.execute("UPDATE meta SET value='3' WHERE key='schema_version'")
     con.commit()
     con.close()
     with pytest.raises(deltackpt.FormatVersionError):

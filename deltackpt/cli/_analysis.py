@@ -37,7 +37,7 @@ def _ratio(x: float) -> str:
 def stats_cmd(path: str, as_json: bool, as_csv: bool, by_entry: bool, top: int,
               first: int | None, last: int | None) -> None:
     """Logical, written and stored bytes per step and component; dedup and compression."""
-    from ..stats import snapshot, store_stats, top_entries
+    from ..stats import store_stats, top_entries
 
     if as_json and as_csv:
         raise click.UsageError("--json and --csv exclude each other")
@@ -46,12 +46,11 @@ def stats_cmd(path: str, as_json: bool, as_csv: bool, by_entry: bool, top: int,
     if top < 1:
         raise click.BadParameter("must be at least 1", param_hint="--top")
     with open_existing(path) as store:
-        snap = snapshot(store)
         if by_entry:
-            rows = top_entries(store, top, first, last, snap=snap)
+            rows = top_entries(store, top, first, last)
             _print_entries(rows, as_json, as_csv)
             return
-        stats = store_stats(store, snap)
+        stats = store_stats(store)
     if as_json:
         emit_json(stats)
     elif as_csv:

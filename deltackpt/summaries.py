@@ -1,0 +1,148 @@
+"""Per-step summaries kept in the index (schema 2: ``blocks.seq`` and ``step_stats``).
+
+``stats`` and the what-if table must answer from a 1,000-step × 2,000-entry index in
+well under a second, and reading every entry row of every step cannot (docs/benchmarks.md,
+"Analysis"). So every writer of a step's entries also writes, in the same transaction, one
+``step_stats`` row for that step:
+
+- ``components``: JSON object, top-level component (first path component) →
+  ``[logical_bytes, written_bytes]``; ``written_bytes`` are the frame bytes of the blocks the
+  step's entries reference and the step itself wrote (``blocks.first_step = step``; a block
+  referenced twice counts once, for the entry that comes first in ``idx`` order);
+- ``new_raw_bytes``: the raw bytes of those same blocks (for the compression ratio);
+- ``refs``: the ``blocks.seq`` of every distinct block the step references, ascending, as
+  little-endian u64 — the what-if table's live-set computation runs on these.
+
+A summary is derived data: it is recomputed from the step's entry rows whenever those change
+(save, thin, external commits, reindex, the v1 → v2 migration) and never read back into a
+checkpoint. Frame lengths never change after a block is written (repacking copies frames as
+they are), so a summary stays exact across ``gc``.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import CorruptionError
+from .hashing import ID_SIZE
+
+#: dtype of ``step_stats.refs``
+REF_DTYPE = np.dtype("<u8")
+#: ids per ``IN (...)`` lookup: below SQLite's 999-variable limit of old builds
+_LOOKUP_BATCH = 900
+
+
+def component_of(path: str) -> str:
+    """The top-level component of an entry path (``model``, ``optimizer``…)."""
+    return path.split("/", 1)[0]
+
+
+@dataclass
+class StepSummary:
+    """One ``step_stats`` row, decoded."""
+
+    components: dict[str, list[int]]  # name -> [logical_bytes, written_bytes]
+    new_raw_bytes: int
+    refs: np.ndarray  # distinct block seqs, ascending
+
+    @property
+    def new_frame_bytes(self) -> int:
+        return sum(w for _, w in self.components.values())
+
+
+def compute(conn: sqlite3.Connection, step: int) -> StepSummary:
+    """The summary of ``step`` from its entry rows and the blocks they reference."""
+    rows = conn.execute("SELECT path, nbytes, blocks FROM entries WHERE step=? ORDER BY idx",
+                        (step,)).fetchall()
+    components: dict[str, list[int]] = {}
+    owner: dict[bytes, str] = {}  # block id -> component of its first reference
+    for path, nbytes, blob in rows:
+        name = component_of(path)
+        components.setdefault(name, [0, 0])[0] += int(nbytes)
+        blob = bytes(blob)
+        if len(blob) % ID_SIZE:
+            raise CorruptionError(f"index: step {step}, entry '{path}': malformed block list")
+        for i in range(0, len(blob), ID_SIZE):
+            owner.setdefault(blob[i:i + ID_SIZE], name)
+    ids = list(owner)
+    seqs = np.empty(len(ids), dtype=REF_DTYPE)
+    found = 0
+    new_raw = 0
+    for lo in range(0, len(ids), _LOOKUP_BATCH):
+        batch = ids[lo:lo + _LOOKUP_BATCH]
+        marks = ",".join("?" * len(batch))
+        for bid, seq, length, raw, first in conn.execute(
+                "SELECT id, seq, length, raw_len, first_step FROM blocks "
+                f"WHERE id IN ({marks})", batch):
+            bid = bytes(bid)
+            if seq is None:
+                raise CorruptionError(f"index: block {bid.hex()[:12]} has no seq")
+            seqs[found] = seq
+            found += 1
+            if first == step:
+                components[owner[bid]][1] += int(length)
+                new_raw += int(raw)
+    if found != len(ids):
+        raise CorruptionError(f"index: step {step} references {len(ids) - found} block(s) "
+                              "missing from the blocks table; run verify")
+    return StepSummary(components, new_raw, np.sort(seqs))
+
+
+def record(conn: sqlite3.Connection, steps: Iterable[int]) -> None:
+    """(Re)write the ``step_stats`` rows of ``steps``; call inside the write transaction
+    that changed their entries."""
+    for step in steps:
+        s = compute(conn, step)
+        conn.execute(
+            "INSERT OR REPLACE INTO step_stats(step, components, new_raw_bytes, refs) "
+            "VALUES (?, ?, ?, ?)",
+            (step, json.dumps(s.components, separators=(",", ":"), sort_keys=True),
+             s.new_raw_bytes, s.refs.tobytes()))
+
+
+def decode(components: str | bytes, new_raw: int, refs: bytes) -> StepSummary:
+    """A ``step_stats`` row as a :class:`StepSummary`."""
+    try:
+        comps = json.loads(components)
+        if not isinstance(comps, dict) or not all(
+                isinstance(v, list) and len(v) == 2 and all(isinstance(x, int) for x in v)
+                for v in comps.values()):
+            raise ValueError("not an object of [logical, written] pairs")
+    except ValueError as exc:
+        raise CorruptionError(f"index: malformed step_stats.components ({exc}); "
+                              "rebuild it with `deltackpt reindex`") from None
+    if len(refs) % REF_DTYPE.itemsize:
+        raise CorruptionError("index: malformed step_stats.refs; rebuild it with "
+                              "`deltackpt reindex`")
+    return StepSummary(comps, int(new_raw), np.frombuffer(refs, dtype=REF_DTYPE))
+
+
+def next_seq(conn: sqlite3.Connection) -> int:
+    """The first unused ``blocks.seq``; call inside the write transaction that inserts."""
+    (top,) = conn.execute("SELECT MAX(seq) FROM blocks").fetchone()
+    return (top or 0) + 1
+
+
+def insert_blocks(conn: sqlite3.Connection, rows: Sequence[tuple], ignore: bool = False) -> None:
+    """Insert block rows ``(id, pack_id, offset, length, raw_len, codec, base, depth,
+    first_step)``, numbering them with fresh ``seq`` values in order."""
+    start = next_seq(conn)
+    verb = "INSERT OR IGNORE" if ignore else "INSERT"
+    conn.executemany(
+        f"{verb} INTO blocks(id, pack_id, offset, length, raw_len, codec, base, depth, "
+        "first_step, seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [(*row, start + i) for i, row in enumerate(rows)])
+
+
+def migrate_v1(conn: sqlite3.Connection) -> None:
+    """Data part of the v1 → v2 migration (after ``MIGRATIONS[1]``'s DDL): number the
+    existing blocks in id order and summarise every step."""
+    ids = [r[0] for r in conn.execute("SELECT id FROM blocks ORDER BY id")]
+    conn.executemany("UPDATE blocks SET seq=? WHERE id=?",
+                     [(i + 1, bid) for i, bid in enumerate(ids)])
+    record(conn, [r[0] for r in conn.execute("SELECT step FROM steps ORDER BY step")])
