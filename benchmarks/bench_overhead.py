@@ -2,9 +2,9 @@
 
     python benchmarks/bench_overhead.py [--steps 200] [--save-every 50] [--pairs 2]
 
-Runs examples/finetune_minilm.py in fresh processes, alternating a run that checkpoints
+Runs examples/finetune_minilm.py in fresh processes, pairing a run that checkpoints
 every ``--save-every`` steps (async, the example's defaults) with one that never saves
-at all (``--no-checkpoint``); both evaluate every ``--save-every`` steps so they do the
+at all (``--no-checkpoint``), the order alternating from pair to pair; both evaluate every ``--save-every`` steps so they do the
 same training work. The overhead is the ratio of
 the mean training-loop step times (medians over the pairs), measured in the same run.
 """
@@ -53,8 +53,14 @@ def main() -> None:
     extra = ["--threads", str(args.threads)] if args.threads else []
     rows = []
     for i in range(args.pairs):
-        with_ckpt = run(args.steps, args.save_every, args.save_every, extra)
-        without = run(args.steps, None, args.save_every, extra)
+        # alternate which run goes first (ABBA): a machine that drifts over the minutes of a
+        # pair would otherwise always favour the same side
+        if i % 2 == 0:
+            with_ckpt = run(args.steps, args.save_every, args.save_every, extra)
+            without = run(args.steps, None, args.save_every, extra)
+        else:
+            without = run(args.steps, None, args.save_every, extra)
+            with_ckpt = run(args.steps, args.save_every, args.save_every, extra)
         ratio = with_ckpt["loop_s"] / without["loop_s"]
         rows.append({"with": with_ckpt, "without": without, "ratio": ratio})
         print(f"pair {i}: with checkpoints {with_ckpt['loop_s']:.1f} s "
