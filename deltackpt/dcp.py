@@ -328,6 +328,10 @@ class StorageWriter(dcp_storage.StorageWriter):
                 f"{self.step} (every rank needs the same step; DCP plan caching is not "
                 "supported)")
         store = self._writer_store(create=False)
+        if not self._is_coordinator and hasattr(store, "refresh"):
+            # an object-storage store: this rank's index cache must know the steps committed
+            # since it opened, or it would rewrite stored blocks and miss its delta bases
+            store.refresh(check_packs=False)
         codec = CodecConfig.from_json(info["codec"])
         delta = DeltaConfig.from_json(info["delta"])
         if (store.config.codec, store.config.delta) != (codec, delta):

@@ -176,6 +176,37 @@ def test_bad_reports_and_failed_ranks_commit_nothing(store_path):
     assert_state_equal(load_full(store_path, 2)["model.b"], _state(7)["model"]["b"])
 
 
+class _StaleWriter(StorageWriter):
+    """Writes and reports every block of its chunks as new, stored ones included: what a
+    rank whose index cache lags behind the coordinator's does."""
+
+    def write_data(self, plan, planner):
+        store = self._writer_store(create=False)
+        store._known_blocks = lambda ids: set()
+        try:
+            return super().write_data(plan, planner)
+        finally:
+            del store._known_blocks
+
+
+def test_blocks_a_stale_rank_reports_as_new_are_kept_once(store_path):
+    state = _state(11)
+    r1 = _save(store_path, state, 1)
+    state["model"]["w"][1:3] += 1.0
+    w = _StaleWriter(store_path, step=2, threads=1, block_size=4096)
+    with w:
+        dcp.save(state, storage_writer=w, no_dist=True)
+    assert w.last_result.new_chunks == 1 and w.last_result.total_chunks == r1.total_chunks
+    target = _state(99)
+    dcp.load(target, storage_reader=StorageReader(store_path, step=2), no_dist=True)
+    assert_state_equal(target, state)
+    with deltackpt.open(store_path) as s:
+        assert not s.verify().problems
+        assert sum(r["first_step"] == 2 for r in block_rows(s)) == 1
+        assert s.gc().bytes_freed > 0  # the duplicate frames' pack, rewritten or dropped
+        assert_state_equal(s.load(2)["model.w"], state["model"]["w"])
+
+
 def test_metadata_is_json_not_pickle(store_path):
     _save(store_path, _state(8), 3)
     with deltackpt.open(store_path) as s:
@@ -253,14 +284,15 @@ def _others(state) -> dict:
     return {"groups": state["optim"]["param_groups"], "meta": state["meta"]}
 
 
-def _check_loaded(store: str, step: int, world: int, expected_file: str, others) -> None:
+def _check_loaded(store: str, step: int, world: int, expected_file: str, others,
+                  opts: dict | None = None) -> None:
     """Load ``step`` into a fresh model sharded over ``world`` ranks; compare bit-exact."""
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     m, opt = _model(world, seed=1234)
     msd, osd = get_state_dict(m, opt)
     state = {"model": msd, "optim": osd, "meta": {"step": -1}}
-    with StorageReader(store, step=step, threads=1) as reader:
+    with StorageReader(store, step=step, threads=1, **(opts or {})) as reader:
         dcp.load(state, storage_reader=reader, no_dist=world == 1)
     set_state_dict(m, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
     msd, osd = get_state_dict(m, opt)
@@ -274,12 +306,14 @@ def _check_loaded(store: str, step: int, world: int, expected_file: str, others)
         assert_state_equal(state["optim"]["param_groups"], others["groups"])
 
 
-def _save_run(rank: int, world: int, store: str, out: str, steps: list[int]) -> dict:
-    """Train, saving every other step (one of them with dcp.async_save)."""
+def _save_run(rank: int, world: int, store: str, out: str, steps: list[int],
+              opts: dict | None = None) -> dict:
+    """Train, saving every other step (one of them with dcp.async_save); ``opts`` go to
+    deltackpt.open (an object-storage store's options)."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     m, opt = _model(world, seed=0)
-    writer = StorageWriter(store, threads=1, block_size=4096)
+    writer = StorageWriter(store, threads=1, block_size=4096, **(opts or {}))
     others = {}
     for step in range(1, max(steps) + 1):
         _train(m, opt, step)
@@ -298,13 +332,13 @@ def _save_run(rank: int, world: int, store: str, out: str, steps: list[int]) -> 
             assert writer.last_result.step == step
     writer.close()
     if rank == 0:
-        _check_store(store, world, steps)
+        _check_store(store, world, steps, opts)
     dist.barrier()
     return others
 
 
-def _check_store(store: str, world: int, steps: list[int]) -> None:
-    with deltackpt.open(store) as s:
+def _check_store(store: str, world: int, steps: list[int], opts: dict | None = None) -> None:
+    with deltackpt.open(store, **(opts or {})) as s:
         assert s.steps() == steps
         first, last = steps[0], steps[-1]
         ids_first, ids_last = entry_block_ids(s, first), entry_block_ids(s, last)
@@ -344,6 +378,19 @@ def _world2(rank: int, world: int, port: int, root: str) -> None:
     _check_loaded(store, 6, world, os.path.join(root, "2-6.safetensors"), others.get(6))
     if rank == 0:                                                   # 2 -> 1
         _check_loaded(store, 6, 1, os.path.join(root, "2-6.safetensors"), others[6])
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _world2_s3(rank: int, world: int, port: int, root: str, url: str,
+               storage_options: dict) -> None:
+    """The two-rank run against an S3 server: every rank uploads its own packs, rank 0
+    commits; then each rank reads its shards back with a cache of its own."""
+    _init(rank, world, port)
+    opts = {"storage_options": storage_options, "cache_dir": os.path.join(root, f"c{rank}")}
+    others = _save_run(rank, world, url, root, [2, 4, 6], opts)
+    fresh = dict(opts, cache_dir=os.path.join(root, f"fresh{rank}"))  # catch up from S3
+    _check_loaded(url, 6, world, os.path.join(root, "2-6.safetensors"), others.get(6), fresh)
     dist.barrier()
     dist.destroy_process_group()
 
@@ -389,6 +436,25 @@ def test_fsdp2_two_ranks_save_and_load_on_2_and_1(tmp_path):
     root = str(tmp_path)
     _spawn(_world2, 2, root)
     _check_reassembled(root, "s2", 6, 2)
+
+
+def test_fsdp2_two_ranks_over_s3(tmp_path):
+    pytest.importorskip("s3fs")
+    from s3server import S3Server
+
+    with S3Server() as s3:
+        url = f"s3://{s3.prefix()}"
+        mp.spawn(_world2_s3, args=(2, _free_port(), str(tmp_path), url, s3.storage_options()),
+                 nprocs=2, join=True)
+        opts = {"storage_options": s3.storage_options(), "cache_dir": str(tmp_path / "main")}
+        with deltackpt.open(url, **opts) as s:
+            assert s.steps() == [2, 4, 6]
+            assert not s.verify().problems
+        full = load_full(url, 6, **opts)  # no process group: the two ranks' chunks reassemble
+    want = load_file(os.path.join(tmp_path, "2-6.safetensors"))
+    assert_state_equal(full["model.1.weight"], want["model/1.weight"])
+    assert_state_equal(full["optim.state.3.weight.exp_avg_sq"],
+                       want["optim/state/3.weight/exp_avg_sq"])
 
 
 @pytest.mark.stress  # ~20 s on an idle 2-core machine: six more processes importing torch
