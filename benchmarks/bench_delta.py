@@ -9,7 +9,8 @@ Usage (traces from benchmarks/minilm_trace.py):
 For every saved step of the trace: torch.save (+ fsync) to a scratch file, then each
 configuration's store.save (fsync on, the default), interleaved so that all see the same
 machine state. Afterwards: load of the latest step and of a random older step per store,
-beside torch.load of the same step. Medians of ``--repeat`` runs.
+beside torch.load of the same step, and of each store's worst step to restore (the older step
+whose new blocks have the deepest delta chains on average). Medians of ``--repeat`` runs.
 """
 
 from __future__ import annotations
@@ -128,6 +129,14 @@ def peer_bytes(state: dict[str, torch.Tensor], prev: dict[str, torch.Tensor] | N
     return sizes, secs
 
 
+def deepest_step(store: deltackpt.Store, steps: list[int]) -> int:
+    """Among ``steps``, the one whose newly written blocks sit deepest in delta chains
+    (a chain policy's last step before a keyframe): the slowest to restore."""
+    depth = dict(store._index.query(
+        "SELECT first_step, AVG(depth) FROM blocks GROUP BY first_step"))
+    return max(steps, key=lambda s: (depth.get(s, 0.0), -s))
+
+
 def timed_load(store: deltackpt.Store, step: int, repeat: int) -> float:
     times = []
     for _ in range(repeat):
@@ -213,6 +222,8 @@ def main() -> None:
                     cats[k] = cats.get(k, 0) + v / r["torch_bytes"] / len(incr)
             t_latest = timed_load(stores[c], latest, args.repeat)
             t_old = timed_load(stores[c], old, args.repeat)
+            worst = deepest_step(stores[c], [s for s, _ in files[:-1]] or [latest])
+            t_worst = timed_load(stores[c], worst, args.repeat)
             total = stores[c].stored_bytes()
             full = sum(r["bytes"] for r in torch_rows)
             results[c] = {
@@ -223,19 +234,23 @@ def main() -> None:
                 "load_latest_ratio": t_latest / t_tl,
                 "load_old_ratio": t_old / t_tl,
                 "old_step": old,
+                "load_worst_ratio": t_worst / t_tl,
+                "worst_step": worst,
                 "total_fraction": total / full,
             }
         print(f"\ntrace {args.trace}, every {args.every}, steps {files[0][0]}..{latest}, "
               f"torch.save {torch_rows[-1]['bytes'] / 1e6:.1f} MB, torch.load {t_tl:.3f}s")
         print("| config | bytes/incr. ckpt (× torch.save) | weights | exp_avg | exp_avg_sq | "
-              "total vs full copies | save time × | load latest × | load old × |")
-        print("|---|---|---|---|---|---|---|---|---|")
+              "total vs full copies | save time × | load latest × | load old × | "
+              "load worst × (step) |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for c, r in results.items():
             cat = r["by_category"]
             print(f"| {c} | {r['incremental_fraction_mean']:.3f} | {cat.get('weights', 0):.3f} | "
                   f"{cat.get('exp_avg', 0):.3f} | {cat.get('exp_avg_sq', 0):.3f} | "
                   f"{r['total_fraction']:.3f} | {r['save_ratio_median']:.2f} | "
-                  f"{r['load_latest_ratio']:.2f} | {r['load_old_ratio']:.2f} |")
+                  f"{r['load_latest_ratio']:.2f} | {r['load_old_ratio']:.2f} | "
+                  f"{r['load_worst_ratio']:.2f} ({r['worst_step']}) |")
         peers = {}
         if peer_rows:
             by_step = {r["step"]: r["bytes"] for r in torch_rows}

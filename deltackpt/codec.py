@@ -18,6 +18,7 @@ from __future__ import annotations
 import struct
 import threading
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -275,30 +276,11 @@ def parse_header(buf: bytes | memoryview, where: str = "frame",
     )
 
 
-def decode_into(frame: bytes | memoryview, out: np.ndarray, info: FrameInfo | None = None,
-                base: np.ndarray | None = None, where: str = "block",
-                hash_name: str = "xxh3_128") -> FrameInfo:
-    """Decode ``frame`` into the flat uint8 array ``out`` (exactly ``raw_len`` bytes).
-
-    Verifies lengths before decompressing and the block id after; a delta frame
-    needs its decoded ``base``. Raises :class:`CorruptionError` naming ``where``.
-    """
-    mv = memoryview(frame)
-    if info is None:
-        info = parse_header(mv, where)
-    if out.nbytes != info.raw_len:
-        raise CorruptionError(f"{where}: frame holds {info.raw_len} bytes, "
-                              f"index expects {out.nbytes}")
-    if len(mv) < info.frame_len:
-        raise CorruptionError(f"{where}: frame truncated ({len(mv)} of {info.frame_len} bytes)")
-    if info.delta != DELTA_NONE and (base is None or base.nbytes != info.raw_len):
-        raise CorruptionError(f"{where}: delta base missing or of the wrong length")
-    n = info.raw_len
+def _streams(mv: memoryview, info: FrameInfo, where: str) -> Iterator[tuple[int, np.ndarray]]:
+    """(index, decoded bytes) of each stream of a frame, lengths checked."""
     nstreams = len(info.streams)
-    stream_raw = n // nstreams
+    stream_raw = info.raw_len // nstreams
     pos = info.payload_offset
-    grouped = info.transform == TRANSFORM_BYTEGROUP
-    target = out.reshape(-1, info.width) if grouped and n else out
     for k, (mode, stored) in enumerate(info.streams):
         chunk = mv[pos:pos + stored]
         pos += stored
@@ -320,9 +302,38 @@ def decode_into(frame: bytes | memoryview, out: np.ndarray, info: FrameInfo | No
                 raise CorruptionError(f"{where}: zstd stream does not decode: {exc}") from None
             if len(data) != stream_raw:
                 raise CorruptionError(f"{where}: zstd stream decoded to {len(data)} bytes")
-            src = np.frombuffer(data, dtype=np.uint8)
+            yield k, np.frombuffer(data, dtype=np.uint8)
         else:
-            src = np.frombuffer(chunk, dtype=np.uint8)
+            yield k, np.frombuffer(chunk, dtype=np.uint8)
+
+
+def _checked_view(frame: bytes | memoryview, info: FrameInfo | None, where: str,
+                  raw_len: int) -> tuple[memoryview, FrameInfo]:
+    mv = memoryview(frame)
+    if info is None:
+        info = parse_header(mv, where)
+    if raw_len != info.raw_len:
+        raise CorruptionError(f"{where}: frame holds {info.raw_len} bytes, "
+                              f"index expects {raw_len}")
+    if len(mv) < info.frame_len:
+        raise CorruptionError(f"{where}: frame truncated ({len(mv)} of {info.frame_len} bytes)")
+    return mv, info
+
+
+def decode_into(frame: bytes | memoryview, out: np.ndarray, info: FrameInfo | None = None,
+                base: np.ndarray | None = None, where: str = "block",
+                hash_name: str = "xxh3_128") -> FrameInfo:
+    """Decode ``frame`` into the flat uint8 array ``out`` (exactly ``raw_len`` bytes).
+
+    Verifies lengths before decompressing and the block id after; a delta frame
+    needs its decoded ``base``. Raises :class:`CorruptionError` naming ``where``.
+    """
+    mv, info = _checked_view(frame, info, where, out.nbytes)
+    if info.delta != DELTA_NONE and (base is None or base.nbytes != info.raw_len):
+        raise CorruptionError(f"{where}: delta base missing or of the wrong length")
+    grouped = info.transform == TRANSFORM_BYTEGROUP
+    target = out.reshape(-1, info.width) if grouped and info.raw_len else out
+    for k, src in _streams(mv, info, where):
         if grouped:
             target[:, k] = src
         else:
@@ -334,3 +345,29 @@ def decode_into(frame: bytes | memoryview, out: np.ndarray, info: FrameInfo | No
         raise CorruptionError(f"{where}: decoded bytes do not match block id "
                               f"{info.block_id.hex()[:12]}")
     return info
+
+
+def composes_grouped(info: FrameInfo, like: FrameInfo) -> bool:
+    """Whether ``info``'s streams can be XOR-ed into a grouped accumulator of ``like``'s
+    layout: a byte-grouped frame, XOR delta or none, of the same length, width and streams.
+    XOR works byte by byte, so grouping commutes with it (see :func:`xor_streams_into`)."""
+    return (info.transform == TRANSFORM_BYTEGROUP and info.delta in (DELTA_NONE, DELTA_XOR)
+            and info.raw_len == like.raw_len and info.width == like.width
+            and len(info.streams) == len(like.streams) == info.width > 1)
+
+
+def xor_streams_into(frame: bytes | memoryview, info: FrameInfo, acc: np.ndarray,
+                     where: str = "block", assign: bool = False) -> None:
+    """Decode a byte-grouped frame's streams into ``acc`` (stream ``k`` at
+    ``acc[k*m:(k+1)*m]``, ``m = raw_len / width``), XOR-ing with what is there, or
+    overwriting it with ``assign``. The frame's delta is *not* undone: for a run of XOR
+    frames ending in a keyframe, the XOR of all their streams is the grouped raw block
+    (no block id is checked here: the caller checks the composed result)."""
+    mv, info = _checked_view(frame, info, where, acc.nbytes)
+    m = info.raw_len // len(info.streams)
+    for k, src in _streams(mv, info, where):
+        part = acc[k * m:(k + 1) * m]
+        if assign:
+            part[:] = src
+        else:
+            np.bitwise_xor(part, src, out=part)
