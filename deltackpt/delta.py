@@ -15,6 +15,12 @@ keyframe (a standalone block). Two policies bound restore cost:
 
 Either way a keyframe is written once ``depth`` would exceed ``max_depth``, and
 a delta frame is kept only when it is smaller than the standalone frame.
+
+The default, ``auto:chain:4``, was chosen by measurement (docs/benchmarks.md, "Delta
+encoding"): on the MiniLM traces it stores 3–15 % less than ``auto:keyframe:8``, and a
+chain of XOR frames decodes in the grouped domain (one un-grouping per block, not per hop),
+so restoring the deepest step costs ~3× torch.load. A writer that deletes old steps should
+prefer ``keyframe``: a kept chain keeps its deleted predecessors' blocks alive.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ MODES = {"auto": DELTA_XOR, "xor": DELTA_XOR, "sub": DELTA_SUB, "none": DELTA_NO
 #: XOR (docs/codec-experiments.md: 1.7 points in fp32, 11 in bf16)
 _SUB_SUFFIXES = ("exp_avg_sq", "square_avg", "sum", "exp_inf")
 POLICIES = ("chain", "keyframe")
+#: ``max_depth`` when a spec names the policy only (each its best on the MiniLM traces)
+_DEFAULT_DEPTH = {"chain": 4, "keyframe": 8}
 #: longest delta chain a writer may create and a reader follows; readers treat
 #: longer (or cyclic) chains as corruption. Restore cost grows with every hop.
 MAX_CHAIN_HOPS = 64
@@ -42,8 +50,8 @@ class DeltaConfig:
     ``policy``: ``chain`` or ``keyframe``."""
 
     mode_name: str = "auto"
-    policy: str = "keyframe"  # chosen by measurement: docs/benchmarks.md
-    max_depth: int = 8
+    policy: str = "chain"  # chosen by measurement: docs/benchmarks.md
+    max_depth: int = 4
 
     def __post_init__(self) -> None:
         if self.mode_name not in MODES:
@@ -82,18 +90,22 @@ class DeltaConfig:
 
     @classmethod
     def from_json(cls, data: dict) -> DeltaConfig:
+        # the defaults of format 1 for a field missing from deltackpt.json (format.md §5),
+        # not the writer's current defaults
         return cls(str(data.get("mode", "auto")), str(data.get("policy", "keyframe")),
                    int(data.get("max_depth", 8)))
 
     @classmethod
     def parse(cls, spec: str | DeltaConfig | None) -> DeltaConfig:
-        """Accept a DeltaConfig, ``"none"``, ``"xor"``, ``"sub"``, or ``"xor:chain:8"``."""
+        """Accept a DeltaConfig, or ``"MODE[:POLICY[:DEPTH]]"``: ``"auto"``, ``"xor"``,
+        ``"sub"``, ``"none"``, ``"auto:keyframe"``, ``"xor:chain:8"``… Missing parts take
+        the defaults: policy ``chain``, depth 4 for ``chain`` and 8 for ``keyframe``."""
         if isinstance(spec, DeltaConfig):
             return spec
         if spec is None:
             return cls()
         parts = str(spec).split(":")
         mode = parts[0] or "auto"
-        policy = parts[1] if len(parts) > 1 else "keyframe"
-        depth = int(parts[2]) if len(parts) > 2 else 8
+        policy = parts[1] if len(parts) > 1 else cls.policy
+        depth = int(parts[2]) if len(parts) > 2 else _DEFAULT_DEPTH.get(policy, cls.max_depth)
         return cls(mode, policy, depth)

@@ -80,8 +80,8 @@ PLACEHOLDER_VERSION = 1
 _PLACEHOLDER_MAX = 64 * 1024
 #: Delta mode of the saves unless ``store_options`` names one. ModelCheckpoint keeps a few
 #: checkpoints far apart (top-k + last), and a delta needs its keyframe kept live beside it:
-#: on the MiniLM example the kept set took 0.564x of Lightning's files with the store's
-#: default ``auto:keyframe:8``, 0.378x with ``none`` (and gc at 0.9; docs/benchmarks.md). Pass
+#: on the MiniLM example the kept set took 0.564x of Lightning's files with
+#: ``auto:keyframe:8``, 0.378x with ``none`` (and gc at 0.9; docs/benchmarks.md). Pass
 #: ``store_options={"delta": "auto"}`` when every checkpoint is kept (``save_top_k=-1``).
 DEFAULT_DELTA = "none"
 #: gc rewrites packs less live than this. A save's pack dies whole when its step goes, except

@@ -187,3 +187,20 @@ def test_a_damaged_frame_inside_a_folded_chain_is_named(tmp_path):
         with pytest.raises(deltackpt.CorruptionError, match=bid.hex()[:12]):
             store.load(5)
         assert not store.verify().ok
+
+
+def test_default_policy_and_spec_defaults(tmp_path):
+    from deltackpt.delta import DeltaConfig
+
+    assert DeltaConfig() == DeltaConfig("auto", "chain", 4)
+    assert DeltaConfig.parse("xor") == DeltaConfig("xor", "chain", 4)
+    assert DeltaConfig.parse("auto:keyframe") == DeltaConfig("auto", "keyframe", 8)
+    assert DeltaConfig.parse("sub:chain:8") == DeltaConfig("sub", "chain", 8)
+    # a field missing from deltackpt.json keeps format 1's meaning, not the writer's default
+    assert DeltaConfig.from_json({}) == DeltaConfig("auto", "keyframe", 8)
+    with deltackpt.open(tmp_path / "s") as store:
+        assert store.config.delta == DeltaConfig("auto", "chain", 4)
+    import json
+
+    with open(tmp_path / "s" / "deltackpt.json") as f:
+        assert json.load(f)["delta"] == {"mode": "auto", "policy": "chain", "max_depth": 4}
