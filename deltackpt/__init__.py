@@ -80,8 +80,9 @@ def open(path: str | os.PathLike | Backend, **options: Any) -> Store:  # noqa: A
     ``filesystem``, ``lease_ttl``, ``pack_size``, ``part_size``, ``max_concurrency``,
     ``readahead``), or a :class:`Backend`. Options (fixed at creation unless noted):
     ``block_size`` (bytes, default 1 MiB), ``hash`` (``"xxh3_128"`` or
-    ``"blake2b"``), ``level`` (zstd level, per session), ``delta`` (``"auto"`` = ``"auto:chain:4"``, the
-    default; ``"xor"``, ``"sub"``, ``"none"``, or ``"MODE:keyframe:8"``; per session), ``fsync``
+    ``"blake2b"``), ``level`` (zstd level, per session), ``delta`` (``"auto"`` =
+    ``"auto:chain:4"``, the default; ``"xor"``, ``"sub"``, ``"none"``, or
+    ``"MODE:keyframe:8"``; per session), ``fsync``
     (default True: a returned save survives power loss), ``threads``,
     ``lock_timeout`` (seconds to wait for another writer), ``base_cache_bytes``
     (memory kept for the next save's delta bases). Use it as a context manager
