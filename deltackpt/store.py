@@ -1371,6 +1371,11 @@ _DELTA_GOOD_ENOUGH = 0.7
 #: a delta that beat the standalone frame by this margin last time is trusted without
 #: trying the standalone encoding again (re-checked after every keyframe)
 _DELTA_HINT_MARGIN = 0.97
+#: a position whose delta did not beat its standalone frame by that margin is encoded
+#: standalone only, without trying the delta, for this many saves before trying it again:
+#: Adam's first moment at a 10-step interval (delta 0.81 of raw vs 0.82 standalone) would
+#: otherwise cost two encodings per save for a 1 % gain (docs/benchmarks.md)
+_DELTA_SKIP_SAVES = 3
 
 
 def _encode_block(bid: bytes, raw: np.ndarray, width: int, cfg: StoreConfig,
@@ -1383,6 +1388,11 @@ def _encode_block(bid: bytes, raw: np.ndarray, width: int, cfg: StoreConfig,
         parent = bases.location(parent_id)
         if parent is not None:
             plan = cfg.delta.plan(parent_id, parent.depth, bases.root)
+    hint = hints.get(position) if hints is not None and position is not None else None
+    if plan is not None and hint is not None and hint < 0:
+        # recent deltas at this position did not pay: standalone, one save fewer to skip
+        hints[position] = hint + 1 if hint + 1 < 0 else 1.0  # type: ignore[index]
+        plan = None
     base_raw = None
     if plan is not None:
         try:
@@ -1400,13 +1410,14 @@ def _encode_block(bid: bytes, raw: np.ndarray, width: int, cfg: StoreConfig,
     dlen = codec_mod.frame_length(dparts)
     if dlen <= _DELTA_GOOD_ENOUGH * raw.nbytes:
         return dparts, _codec_name(dparts), base_id, depth
-    hint = hints.get(position) if hints is not None and position is not None else None
-    if hint is not None and hint <= _DELTA_HINT_MARGIN and depth > 1:
+    if hint is not None and 0 <= hint <= _DELTA_HINT_MARGIN and depth > 1:
         return dparts, _codec_name(dparts), base_id, depth
     parts = codec_mod.encode(raw, bid, width, cfg.codec)
     slen = codec_mod.frame_length(parts)
     if hints is not None and position is not None:
-        hints[position] = dlen / max(slen, 1)
+        ratio = dlen / max(slen, 1)
+        # a hint is the last delta/standalone ratio (>= 0), or minus the saves left to skip
+        hints[position] = ratio if ratio <= _DELTA_HINT_MARGIN else -float(_DELTA_SKIP_SAVES)
     if slen <= dlen:
         return parts, _codec_name(parts), None, 0
     return dparts, _codec_name(dparts), base_id, depth

@@ -204,3 +204,34 @@ def test_default_policy_and_spec_defaults(tmp_path):
 
     with open(tmp_path / "s" / "deltackpt.json") as f:
         assert json.load(f)["delta"] == {"mode": "auto", "policy": "chain", "max_depth": 4}
+
+
+def test_positions_where_deltas_do_not_pay_skip_the_delta_attempt(tmp_path, monkeypatch):
+    """A position whose delta did not beat its standalone frame by 3 % is encoded standalone
+    for the next 3 saves without trying the delta (a second encoding), then tried again; a
+    position whose deltas pay keeps them. Every step stays bit-exact."""
+    from deltackpt import codec
+
+    attempts: list[str] = []
+    real = codec.encode
+
+    def spy(raw, *args, **kwargs):
+        if kwargs.get("delta", codec.DELTA_NONE) != codec.DELTA_NONE:
+            attempts.append("noise" if raw.nbytes == 16384 else "smooth")
+        return real(raw, *args, **kwargs)
+
+    monkeypatch.setattr(codec, "encode", spy)
+    rng = np.random.default_rng(0)
+    smooth = _bits_tensor(7, 8192, "float32")  # 32 KiB: one block; noise: 16 KiB
+    states = []
+    with deltackpt.open(tmp_path / "s", block_size=32768, delta="xor:chain:64") as store:
+        for step in range(7):
+            noise = torch.from_numpy(rng.standard_normal(4096).astype(np.float32))
+            states.append({"noise": noise, "smooth": smooth.clone()})
+            store.save(states[-1], step=step)
+            smooth = _perturb(smooth, 300 + step, 0.05)
+        for step, state in enumerate(states):
+            assert_state_equal(store.load(step), state)
+    # noise: tried at step 1, skipped at 2-4, tried at 5, skipped at 6; smooth: every step
+    assert attempts.count("noise") == 2
+    assert attempts.count("smooth") == 6
