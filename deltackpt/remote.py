@@ -426,13 +426,27 @@ class RemoteStore(Store):
                     self.last_refresh = "incremental"
                     self._base_cache.clear()
                     return result
-            result = ReindexResult()
-            rebuild_into(self._index, listed, result, scan_many=self._scan_many,  # type: ignore[arg-type]
-                         read_manifest=lambda n: self._manifest(n, listing), replace=True)
-            self.last_refresh = "rebuild"
-            self._base_cache.clear()
-            self._delta_hints.clear()
-            return result
+            return self._rebuild(listed, listing)
+
+    def rebuild_cache(self) -> ReindexResult:
+        """Rebuild the local index cache from every manifest and pack of the store (what
+        ``deltackpt reindex URL`` runs; the store itself is not written). Pack headers
+        already scanned are taken from the scan cache."""
+        with self._mutex:
+            self._check_open()
+            listing = self.backend.list_info(MANIFEST_PREFIX)
+            listing.update(self.backend.list_info(PACK_PREFIX))
+            self._scans.forget_missing({n for n in listing if n.startswith(PACK_PREFIX)})
+            return self._rebuild(_Listed(self.backend, listing), listing)
+
+    def _rebuild(self, listed: _Listed, listing: dict[str, dict[str, Any]]) -> ReindexResult:
+        result = ReindexResult()
+        rebuild_into(self._index, listed, result, scan_many=self._scan_many,  # type: ignore[arg-type]
+                     read_manifest=lambda n: self._manifest(n, listing), replace=True)
+        self.last_refresh = "rebuild"
+        self._base_cache.clear()
+        self._delta_hints.clear()
+        return result
 
     def _manifest(self, name: str, listing: dict[str, dict[str, Any]]) -> bytes:
         etag = listing.get(name, {}).get("etag")

@@ -374,3 +374,34 @@ def test_many_packs_are_listed_per_subdirectory(s3):
     assert be.list("packs/") == sorted(names)
     assert be.requests["list_objects_v2"] > 256  # one listing per subdirectory
     assert be.list() == sorted(names + ["manifests/00000000000000000001.manifest"])
+
+
+def test_cli_reindex_of_an_s3_url_rebuilds_this_machines_cache(s3, tmp_path, monkeypatch):
+    """`deltackpt reindex s3://…` rebuilds the local index cache (default location, S3
+    credentials and endpoint from the environment) from the store's manifests and packs."""
+    from click.testing import CliRunner
+
+    from deltackpt.cli import main
+
+    url = f"s3://{s3.prefix()}"
+    with open_s3(s3, url, str(tmp_path / "writer")) as st:
+        st.save(state(0), step=0)
+        st.save(state(1), step=1)
+    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_ENDPOINT_URL": s3.endpoint, "AWS_DEFAULT_REGION": "us-east-1",
+                       "XDG_CACHE_HOME": str(tmp_path / "xdg")}.items():
+        monkeypatch.setenv(key, value)
+    runner = CliRunner()
+    r = runner.invoke(main, ["log", url, "--json"])  # fills the default cache
+    assert r.exit_code == 0, r.output
+    cache = next((tmp_path / "xdg").rglob("index.sqlite"))
+    with open(cache, "r+b") as f:
+        f.write(b"damaged " * 512)
+    r = runner.invoke(main, ["reindex", url, "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert sorted(out["steps_recovered"]) == [0, 1] and out["steps_lost"] == {}
+    assert out["packs_scanned"] >= 2
+    with deltackpt.open(url) as st:  # the cache the CLI rebuilt, used as it is
+        assert st.last_refresh == "none"
+        assert_state_equal(st.load(1), state(1))

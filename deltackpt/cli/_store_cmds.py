@@ -217,10 +217,17 @@ def gc_cmd(path: str, as_json: bool, quiet: bool) -> None:
 @json_option
 @handle_errors
 def reindex_cmd(path: str, as_json: bool) -> None:
-    """Rebuild a lost or damaged index from the packs and manifests."""
-    from ..reindex import reindex
+    """Rebuild a lost or damaged index from the packs and manifests.
 
-    r = reindex(path)
+    For an object-storage URL, rebuilds this machine's index cache of the store."""
+    from ..reindex import reindex
+    from ..remote import is_remote_url
+
+    if is_remote_url(path):
+        with open_existing(path) as store:
+            r = store.rebuild_cache()
+    else:
+        r = reindex(path)
     if as_json:
         emit_json(r.__dict__)
         return
