@@ -99,6 +99,10 @@ CREATE TABLE step_stats (
     new_raw_bytes INTEGER NOT NULL, -- raw bytes of the blocks counted in written_bytes
     refs BLOB NOT NULL              -- distinct blocks.seq referenced, ascending, u64 LE
 );
+CREATE TRIGGER blocks_need_seq BEFORE INSERT ON blocks WHEN NEW.seq IS NULL
+BEGIN SELECT RAISE(ABORT, 'blocks.seq is required by index schema 2: upgrade deltackpt'); END;
+CREATE TRIGGER entries_void_summary AFTER DELETE ON entries
+BEGIN DELETE FROM step_stats WHERE step = OLD.step; END;
 """
 
 #: migrations[v] upgrades a schema at version v to v + 1: DDL, then the data step (if any)

@@ -423,8 +423,9 @@ class RemoteStore(Store):
                              read_manifest=lambda n: self._manifest(n, listing),
                              incremental=True)
                 if not result.steps_lost:
+                    # the base cache stays: it is keyed by block id, and a block's bytes
+                    # never change (a DCP rank keeps the bases of its own last save)
                     self.last_refresh = "incremental"
-                    self._base_cache.clear()
                     return result
             return self._rebuild(listed, listing)
 

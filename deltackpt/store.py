@@ -1525,6 +1525,8 @@ class _Decoder:
         means "decode hop by hop to find the damaged frame", not necessarily this one.
         """
         base_id = info.base_id
+        if out.nbytes != info.raw_len:
+            return False  # the hop-by-hop decode reports the mismatch
         with self._lock:
             if base_id in self._cache or self._refs.get(base_id, 0) > 1:
                 return False
@@ -1553,6 +1555,9 @@ class _Decoder:
         if terminal is not None:
             base = self.base(terminal, where)
             try:
+                if base.nbytes != n:
+                    raise CorruptionError(f"{label}: delta base {terminal.hex()[:12]} holds "
+                                          f"{base.nbytes} bytes, the block {n}")
                 m = n // width
                 grouped = base.reshape(-1, width)
                 for k in range(width):

@@ -15,8 +15,12 @@ well under a second, and reading every entry row of every step cannot (docs/benc
 
 A summary is derived data: it is recomputed from the step's entry rows whenever those change
 (save, thin, external commits, reindex, the v1 → v2 migration) and never read back into a
-checkpoint. Frame lengths never change after a block is written (repacking copies frames as
-they are), so a summary stays exact across ``gc``.
+checkpoint. A step without a row (committed into a migrated index by an older deltackpt that
+had it open, or too damaged for the migration to summarise) is summarised by the reader.
+Frame lengths never change after a block is written (repacking copies frames as they are),
+so a summary stays exact across ``gc``. Two triggers (schema 2) keep such a writer from
+breaking the rest: a ``blocks`` row without ``seq`` is refused, and deleting a step's entry
+rows deletes its summary row (a writer of this version then records a fresh one).
 """
 
 from __future__ import annotations
@@ -62,6 +66,8 @@ def compute(conn: sqlite3.Connection, step: int) -> StepSummary:
     components: dict[str, list[int]] = {}
     owner: dict[bytes, str] = {}  # block id -> component of its first reference
     for path, nbytes, blob in rows:
+        if isinstance(path, bytes):  # a connection reading TEXT as bytes (stats snapshots)
+            path = path.decode("utf-8", "surrogateescape")
         name = component_of(path)
         components.setdefault(name, [0, 0])[0] += int(nbytes)
         blob = bytes(blob)
@@ -141,8 +147,14 @@ def insert_blocks(conn: sqlite3.Connection, rows: Sequence[tuple], ignore: bool 
 
 def migrate_v1(conn: sqlite3.Connection) -> None:
     """Data part of the v1 → v2 migration (after ``MIGRATIONS[1]``'s DDL): number the
-    existing blocks in id order and summarise every step."""
+    existing blocks in id order and summarise every step. A step whose rows are damaged
+    gets no summary (readers then compute it, and report the damage, when asked): the
+    migration must not lock everybody out of the healthy steps and of ``verify``."""
     ids = [r[0] for r in conn.execute("SELECT id FROM blocks ORDER BY id")]
     conn.executemany("UPDATE blocks SET seq=? WHERE id=?",
                      [(i + 1, bid) for i, bid in enumerate(ids)])
-    record(conn, [r[0] for r in conn.execute("SELECT step FROM steps ORDER BY step")])
+    for (step,) in conn.execute("SELECT step FROM steps ORDER BY step").fetchall():
+        try:
+            record(conn, [step])
+        except CorruptionError:
+            continue

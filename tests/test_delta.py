@@ -235,3 +235,26 @@ def test_positions_where_deltas_do_not_pay_skip_the_delta_attempt(tmp_path, monk
     # noise: tried at step 1, skipped at 2-4, tried at 5, skipped at 6; smooth: every step
     assert attempts.count("noise") == 2
     assert attempts.count("smooth") == 6
+
+
+def test_a_damaged_raw_len_of_a_shared_xor_base_is_a_corruption_error(tmp_path):
+    """Found in review: the folded decode once broadcast a base of the wrong length into
+    numpy (ValueError) instead of reporting the index damage."""
+    import sqlite3
+
+    path = tmp_path / "s"
+    w = _bits_tensor(5, 1024, "float32")  # 4096 bytes: one block
+    with deltackpt.open(path, block_size=4096, delta="xor:chain:8") as store:
+        for i in range(3):
+            w = _perturb(w, 400 + i, 0.02)
+            store.save({"a": w.clone(), "b": w.clone()}, step=i)  # one block used twice
+        (base,) = store._index.query(
+            "SELECT b.base FROM entries e JOIN blocks b ON b.id = e.blocks "
+            "WHERE e.step=2 AND e.path='a'")[0]
+    con = sqlite3.connect(path / "index.sqlite")
+    con.execute("UPDATE blocks SET raw_len = raw_len + 8 WHERE id=?", (base,))
+    con.commit()
+    con.close()
+    with deltackpt.open(path) as store, pytest.raises(deltackpt.CorruptionError,
+                                                      match="index expects 4104"):
+        store.load(2)
