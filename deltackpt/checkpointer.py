@@ -92,7 +92,7 @@ from .store import Store, open_store
 
 _MISSING = object()
 #: delta policy of a store the checkpointer opens when retention deletes steps
-_RETENTION_DELTA = "xor:keyframe:8"
+_RETENTION_DELTA = "auto:keyframe:8"
 
 
 @dataclass
@@ -270,7 +270,7 @@ class Checkpointer:
     save then leaves the other cores to training; pass ``{"threads": n}`` to
     save faster on a machine whose CPUs idle while a GPU trains). When the
     retention policy deletes steps, that store also defaults to
-    ``delta="xor:keyframe:8"``: with the default chain policy every kept step
+    ``delta="auto:keyframe:8"``: with the default chain policy every kept step
     still needs the delta bases of the deleted ones, so deleting frees nothing
     until the next keyframe.
     ``on_saved(record)`` is called (from the background thread for async

@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sync", action="store_true", help="synchronous saves")
     p.add_argument("--delta", default=None,
                    help="store delta policy, e.g. xor:chain:8 (default: the checkpointer's, "
-                        "xor:keyframe:8 when retention deletes steps)")
+                        "auto:keyframe:8 when retention deletes steps)")
     p.add_argument("--no-checkpoint", action="store_true",
                    help="train without checkpointing (the baseline of benchmarks/bench_overhead.py)")
     args = p.parse_args(argv)
