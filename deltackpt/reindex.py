@@ -127,6 +127,7 @@ def rebuild_into(idx: Index, backend: Backend, result: ReindexResult, *,
     pack_names = [n for n in backend.list(PACK_PREFIX)
                   if n.endswith(".pack") and not (incremental and n in known_packs)]
     blocks: dict[bytes, tuple] = {}  # id -> (pack, offset, length, raw_len, codec, base)
+    others: dict[bytes, list[tuple]] = {}  # further frames of an id, in pack-name order
     pack_sizes: dict[str, int] = {}
     scanned = scan_many(pack_names)
     for name in pack_names:
@@ -138,10 +139,13 @@ def rebuild_into(idx: Index, backend: Backend, result: ReindexResult, *,
             result.problems.append(str(found))
             continue
         size, frames = found
+        pack_sizes[name] = size
         for bid, offset, frame_len, raw_len, codec, base in frames:
+            loc = (name, offset, frame_len, raw_len, codec, base)
             if bid not in blocks:
-                blocks[bid] = (name, offset, frame_len, raw_len, codec, base)
-                pack_sizes[name] = size
+                blocks[bid] = loc
+            else:
+                others.setdefault(bid, []).append(loc)
     result.blocks_found = len(blocks)
     manifests = []
     for name in backend.list(MANIFEST_PREFIX):
@@ -165,6 +169,19 @@ def rebuild_into(idx: Index, backend: Backend, result: ReindexResult, *,
             marks = ",".join("?" * len(batch))
             known.update(idx.query(f"SELECT id, depth FROM blocks WHERE id IN ({marks})",
                                    batch))
+    # one id in several frames (a writer with a stale view wrote a stored block again): keep
+    # a frame whose delta chain resolves; the stale copy may be a delta against a block gc
+    # has removed since
+    for bid, alternatives in others.items():
+        first = blocks[bid]
+        if not _missing_with_bases({bid}, blocks, known):
+            continue
+        for loc in alternatives:
+            blocks[bid] = loc
+            if not _missing_with_bases({bid}, blocks, known):
+                break
+        else:
+            blocks[bid] = first  # none resolves: the step is reported lost either way
     steps = []
     first_step: dict[bytes, int] = {}
     taken = set(existing.values())

@@ -432,9 +432,14 @@ class RemoteStore(Store):
     def rebuild_cache(self) -> ReindexResult:
         """Rebuild the local index cache from every manifest and pack of the store (what
         ``deltackpt reindex URL`` runs; the store itself is not written). Pack headers
-        already scanned are taken from the scan cache."""
+        already scanned are taken from the scan cache.
+
+        Holds the writer lease, as a local reindex holds the writer lock: a writer
+        sharing this cache would otherwise commit a step into the gap between the listing
+        and the rebuild, lose it from the cache, and its gc would then delete it."""
         with self._mutex:
             self._check_open()
+            self._become_writer()
             listing = self.backend.list_info(MANIFEST_PREFIX)
             listing.update(self.backend.list_info(PACK_PREFIX))
             self._scans.forget_missing({n for n in listing if n.startswith(PACK_PREFIX)})
@@ -508,6 +513,12 @@ class RemoteStore(Store):
     def gc(self, repack_threshold: float = 0.5, progress: Any = None) -> Any:
         """:meth:`Store.gc`, then abort multipart uploads a crashed writer left unfinished
         (begun before this writer took the lease: nobody else can be writing)."""
+        with self._mutex:
+            self._check_open()
+            self._become_writer()
+            # gc deletes what the index does not reference: the cache must name every
+            # committed manifest first (another process sharing it may have rebuilt it)
+            self.refresh(check_packs=True)
         result = super().gc(repack_threshold, progress)
         started = self.lease.acquired_at
         if started is not None:

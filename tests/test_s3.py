@@ -405,3 +405,76 @@ def test_cli_reindex_of_an_s3_url_rebuilds_this_machines_cache(s3, tmp_path, mon
     with deltackpt.open(url) as st:  # the cache the CLI rebuilt, used as it is
         assert st.last_refresh == "none"
         assert_state_equal(st.load(1), state(1))
+
+
+def test_a_cache_rebuilt_under_a_writer_never_leads_its_gc_to_delete_a_step(tmp_path):
+    """Found in review. One machine, one cache: `reindex URL` needs the writer's lease; and
+    a cache rebuilt by another process (a reader's refresh after deletes) that missed a step
+    committed meanwhile is caught up by the writer's gc before it deletes anything."""
+    url = f"fsspec+memory://race-{os.path.basename(tmp_path)}/store"
+    cache = str(tmp_path / "cache")
+    writer = deltackpt.open(url, cache_dir=cache, block_size=65536)
+    try:
+        writer.save(state(0), step=0)
+        writer.save(state(1), step=1)
+        with deltackpt.open(url, cache_dir=cache) as other, pytest.raises(StoreLockedError):
+            other.rebuild_cache()
+        # a rebuild in place (what a reader's refresh does) that misses a step the writer
+        # commits while it runs
+        reader = deltackpt.open(url, cache_dir=cache)
+        real = reader._scan_many
+
+        def scan_then_commit(names):
+            out = real(names)
+            writer.save(state(2), step=2)
+            return out
+
+        reader._scan_many = scan_then_commit
+        listing = reader.backend.list_info("manifests/")
+        listing.update(reader.backend.list_info("packs/"))
+        from deltackpt.remote import _Listed
+
+        reader._rebuild(_Listed(reader.backend, listing), listing)
+        reader.close()
+        assert 2 not in writer.steps()  # the shared cache lost step 2...
+        writer.gc()                     # ...and gc must not delete it
+    finally:
+        writer.close()
+    with deltackpt.open(url, cache_dir=str(tmp_path / "fresh")) as fresh:
+        assert fresh.steps() == [0, 1, 2]
+        assert_state_equal(fresh.load(2), state(2))
+
+
+def test_reindex_keeps_the_frame_whose_delta_chain_resolves(tmp_path):
+    """Found in review: a stale writer's duplicate frame of a stored block, a delta against a
+    block gc has since removed, must not make reindex report healthy steps lost."""
+    import numpy as np
+
+    from deltackpt import codec
+    from deltackpt.packs import PackWriter
+    from deltackpt.reindex import reindex
+
+    path = str(tmp_path / "s")
+    with deltackpt.open(path, block_size=65536) as st:
+        st.save(state(1), step=1)
+        st.save(state(2), step=2)
+        (blob,) = st._index.query("SELECT blocks FROM entries WHERE step=2 AND "
+                                  "path='model/w'")[0]
+        bid = blob[:16]
+        raw = st.load(2)["model"]["w"].view(torch.uint8).numpy()[:65536]
+        # the same block again, as a delta against a block the store no longer has
+        gone = b"\x42" * 16
+        parts = codec.encode(raw, bid, 4, st.config.codec, base=np.zeros_like(raw),
+                             base_id=gone, delta=codec.DELTA_XOR)
+        writer = PackWriter(st.backend, 1 << 30)
+        writer.add(parts)
+        (name, _size), = writer.finish()
+        st.backend.sync()
+    first = os.path.join(path, "packs", "00", "0" * 32 + ".pack")  # first in name order
+    os.makedirs(os.path.dirname(first), exist_ok=True)
+    os.replace(os.path.join(path, name), first)
+    r = reindex(path)
+    assert r.steps_lost == {} and sorted(r.steps_recovered) == [1, 2]
+    with deltackpt.open(path) as st:
+        assert_state_equal(st.load(2), state(2))
+        assert st.verify().ok
