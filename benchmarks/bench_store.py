@@ -49,20 +49,13 @@ sys.path.insert(0, HERE)
 from bench_delta import fsync_save, trace_files  # noqa: E402
 
 import deltackpt  # noqa: E402
+from deltackpt.backend import fsync_path  # noqa: E402
 
 TRACES = os.path.join(HERE, ".cache", "traces")
 MiB = 1 << 20
 
 
 # -- helpers ----------------------------------------------------------------------------
-def fsync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def st_save(flat: dict, path: str) -> float:
     t = time.perf_counter()
     save_file(flat, path)

@@ -38,6 +38,15 @@ def check_name(name: str) -> str:
     return name
 
 
+def fsync_path(path: str) -> None:
+    """fsync a file or a directory by path (a directory: the entries it holds)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class ObjectWriter(Protocol):
     """Streaming writer of one new object."""
 

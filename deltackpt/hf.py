@@ -45,6 +45,7 @@ import numpy as np
 import torch
 import xxhash
 
+from .backend import fsync_path
 from .dtypes import torch_dtype_name
 from .errors import (
     BackgroundSaveError,
@@ -459,19 +460,11 @@ def write_checkpoint_dir(state: Any, out_dir: str | os.PathLike, *, overwrite: b
             shutil.rmtree(out)
         os.rename(tmp, out)
         if fsync:
-            _fsync_dir(parent)
+            fsync_path(parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return list(files)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # -- store-level API ------------------------------------------------------------------------

@@ -56,6 +56,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from .backend import fsync_path
 from .errors import (
     BackgroundSaveError,
     DeltackptError,
@@ -183,15 +184,7 @@ def _write_placeholder(path: str, data: dict[str, Any], durable: bool) -> None:
         os.unlink(path)  # replace the link itself, never write through it
     os.replace(tmp, path)
     if durable:
-        _fsync_dir(folder)
-
-
-def _fsync_dir(folder: str) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_path(folder)
 
 
 def _explain_unsupported(exc: UnsupportedValueError, path: str) -> UnsupportedValueError:

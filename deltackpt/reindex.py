@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import summaries
-from .backend import PARTIAL_SUFFIX, Backend, LocalBackend
+from .backend import PARTIAL_SUFFIX, Backend, LocalBackend, fsync_path
 from .errors import CorruptionError, FormatVersionError, InvalidStoreError
 from .hashing import unpack_ids
 from .index import Index, chunked
@@ -66,11 +66,7 @@ def reindex(path: str | os.PathLike, lock_timeout: float = 0.0) -> ReindexResult
         idx.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         idx.conn.execute("PRAGMA journal_mode = DELETE")
         idx.close()
-        fd = os.open(tmp_path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(tmp_path)
         if os.path.exists(index_path):
             result.old_index = f"{index_path}.broken-{int(time.time())}"
             os.replace(index_path, result.old_index)
