@@ -20,6 +20,7 @@ import numpy as np
 
 from .errors import DeltackptError, InvalidInputError
 from .stats import snapshot, store_stats, top_entries
+from .units import human
 from .whatif import DEFAULT_PRICE, Policy, whatif
 
 if TYPE_CHECKING:
@@ -37,14 +38,6 @@ class ReportResult:
     files: list[str]
     stats: dict[str, Any]
     whatif: list[dict[str, Any]]
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def _pyplot():
@@ -244,10 +237,10 @@ def _html(store: Store, stats: dict, rows: list[dict], tops: list[dict], price: 
     full = stats["steps"][-1]["full_copies_bytes"] if stats["steps"] else 0
     cards = [
         (str(t["steps"]), "steps"),
-        (_human(t["logical_bytes"]), "logical (full copies)"),
-        (_human(t["stored_bytes"]), "stored now (packs)"),
+        (human(t["logical_bytes"]), "logical (full copies)"),
+        (human(t["stored_bytes"]), "stored now (packs)"),
         (f"{t['stored_fraction']:.1%}", "stored / full copies"),
-        (_human(cum), "written by all saves"),
+        (human(cum), "written by all saves"),
         (f"{full / cum:.1f}×" if cum else "–", "full copies / written"),
     ]
     out = [
@@ -264,8 +257,8 @@ def _html(store: Store, stats: dict, rows: list[dict], tops: list[dict], price: 
         f"<img src='{e(images[1])}' alt='bytes per save by component'>",
     ]
     comp_rows = "".join(
-        f"<tr><td>{e(c)}</td><td>{_human(v['logical_bytes'])}</td>"
-        f"<td>{_human(v['written_bytes'])}</td>"
+        f"<tr><td>{e(c)}</td><td>{human(v['logical_bytes'])}</td>"
+        f"<td>{human(v['written_bytes'])}</td>"
         f"<td>{(v['written_bytes'] / v['logical_bytes'] if v['logical_bytes'] else 0):.1%}</td>"
         "</tr>" for c, v in t["components"].items())
     out.append("<table><tr><th>component</th><th>logical, all steps</th><th>written</th>"
@@ -274,8 +267,8 @@ def _html(store: Store, stats: dict, rows: list[dict], tops: list[dict], price: 
             f"<img src='{e(images[2])}' alt='change heat-map'>"]
     wi = "".join(
         f"<tr><td>{e(r['policy'])}{' *' if r['estimate'] else ''}</td><td>{r['steps_kept']}</td>"
-        f"<td>{_human(r['stored_bytes'])}</td><td>{r['vs_now']:.1%}</td>"
-        f"<td>{_human(r['full_copies_bytes'])}</td><td>{_money(r['monthly_cost'])}</td></tr>"
+        f"<td>{human(r['stored_bytes'])}</td><td>{r['vs_now']:.1%}</td>"
+        f"<td>{human(r['full_copies_bytes'])}</td><td>{_money(r['monthly_cost'])}</td></tr>"
         for r in rows)
     out += [
         "<h2>What if: other retention and save policies</h2>",
@@ -289,8 +282,8 @@ def _html(store: Store, stats: dict, rows: list[dict], tops: list[dict], price: 
         "GB = 2<sup>30</sup> bytes.</p>",
     ]
     tr = "".join(
-        f"<tr><td class='path'>{e(x['path'])}</td><td>{_human(x['written_bytes'])}</td>"
-        f"<td>{x['steps_changed']} / {x['steps']}</td><td>{_human(x['logical_bytes'])}</td></tr>"
+        f"<tr><td class='path'>{e(x['path'])}</td><td>{human(x['written_bytes'])}</td>"
+        f"<td>{x['steps_changed']} / {x['steps']}</td><td>{human(x['logical_bytes'])}</td></tr>"
         for x in tops)
     out += ["<h2>Entries that cost the most</h2>",
             "<table><tr><th>entry</th><th>written</th><th>steps that wrote it</th>"

@@ -8,10 +8,10 @@ import io
 import click
 
 from ..progress import bar
+from ..units import human
 from ._common import (
     emit_json,
     handle_errors,
-    human,
     json_option,
     open_existing,
     path_argument,

@@ -9,10 +9,10 @@ import click
 
 from ..errors import DeltackptError
 from ..progress import bar
+from ..units import human
 from ._common import (
     emit_json,
     handle_errors,
-    human,
     json_option,
     open_existing,
     path_argument,

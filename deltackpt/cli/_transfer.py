@@ -5,7 +5,8 @@ from __future__ import annotations
 import click
 
 from .. import open_store
-from ._common import emit_json, handle_errors, human, json_option, open_existing, path_argument
+from ..units import human
+from ._common import emit_json, handle_errors, json_option, open_existing, path_argument
 
 
 def _selection(select: tuple[str, ...], whole: bool) -> list[str] | None:
