@@ -515,10 +515,13 @@ class RemoteStore(Store):
         (begun before this writer took the lease: nobody else can be writing)."""
         with self._mutex:
             self._check_open()
-            self._become_writer()
             # gc deletes what the index does not reference: the cache must name every
-            # committed manifest first (another process sharing it may have rebuilt it)
-            self.refresh(check_packs=True)
+            # committed manifest first (another process sharing it may have rebuilt it).
+            # Taking the lease refreshes it; a lease already held needs an explicit one.
+            if self.lease.held:
+                self.refresh(check_packs=True)
+            else:
+                self._become_writer()
         result = super().gc(repack_threshold, progress)
         started = self.lease.acquired_at
         if started is not None:

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -134,15 +136,23 @@ def _ints(text: bytes | None, n: int, what: str) -> np.ndarray:
 def snapshot(store: Store) -> IndexSnapshot:
     """Read the index of ``store`` into an :class:`IndexSnapshot` (one read transaction)."""
     store._check_open()
-    idx = store._index
-    with idx.read() as conn:
-        old = conn.text_factory
-        conn.text_factory = bytes
+    with _read_as_bytes(store) as conn:
         try:
             return _snapshot(conn, store.location)
         except sqlite3.DataError as exc:  # a group_concat beyond SQLITE_MAX_LENGTH
             raise InvalidInputError(f"{store.location}: index too large to analyse in one "
                                     f"pass: {exc}") from None
+
+
+@contextmanager
+def _read_as_bytes(store: Store) -> Iterator[sqlite3.Connection]:
+    """A read transaction whose TEXT values come back as bytes: ``group_concat`` columns
+    are split and parsed as bytes, without building a str first."""
+    with store._index.read() as conn:
+        old = conn.text_factory
+        conn.text_factory = bytes
+        try:
+            yield conn
         finally:
             conn.text_factory = old
 
@@ -330,24 +340,18 @@ def ref_snapshot(store: Store) -> RefSnapshot:
     """The blocks and each step's block references, from ``step_stats`` and ``blocks``
     in one read transaction; no entry row is read."""
     store._check_open()
-    with store._index.read() as conn:
-        old = conn.text_factory
-        conn.text_factory = bytes
-        try:
-            srows = conn.execute(
-                "SELECT s.step, s.logical_bytes, t.refs FROM steps s "
-                "LEFT JOIN step_stats t ON t.step = s.step ORDER BY s.step").fetchall()
-            _, (seq, length, depth), base = _blocks(conn, store.location,
-                                                    ("seq", "length", "depth"))
-            parts, counts = [], []
-            for step, _, refs in srows:
-                # no row: see step_summaries
-                arr = summaries.compute(conn, step).refs if refs is None else \
-                    summaries.decode("{}", 0, refs).refs
-                parts.append(arr)
-                counts.append(arr.size)
-        finally:
-            conn.text_factory = old
+    with _read_as_bytes(store) as conn:
+        srows = conn.execute(
+            "SELECT s.step, s.logical_bytes, t.refs FROM steps s "
+            "LEFT JOIN step_stats t ON t.step = s.step ORDER BY s.step").fetchall()
+        _, (seq, length, depth), base = _blocks(conn, store.location, ("seq", "length", "depth"))
+        parts, counts = [], []
+        for step, _, refs in srows:
+            # no row: see step_summaries
+            arr = summaries.compute(conn, step).refs if refs is None else \
+                summaries.decode("{}", 0, refs).refs
+            parts.append(arr)
+            counts.append(arr.size)
     steps = np.array([r[0] for r in srows], dtype=np.int64)
     logical = np.array([r[1] for r in srows], dtype=np.int64)
     refs_all = np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)

@@ -1201,11 +1201,7 @@ class Store:
             # a writer with a stale view of the index (a rank whose object-storage cache
             # lagged behind) may report blocks the store already holds: the stored copy
             # stays; the extra frame is dead weight in its pack, reclaimed by gc
-            known: set[bytes] = set()
-            for batch in chunked(list(blocks), 500):
-                marks = ",".join("?" * len(batch))
-                known.update(r[0] for r in self._index.query(
-                    f"SELECT id FROM blocks WHERE id IN ({marks})", batch))
+            known = self._known_blocks(blocks)
             blocks = {bid: v for bid, v in blocks.items() if bid not in known}
             wanted = {b for e in entries for b in unpack_ids(e["blocks"])}
             wanted.update(v[5] for v in blocks.values() if v[5] is not None)
