@@ -1,4 +1,5 @@
 import os
+import shutil
 
 import pytest
 import torch
@@ -19,3 +20,12 @@ def store(store_path):
     s = deltackpt.open(store_path)
     yield s
     s.close()
+
+
+@pytest.fixture
+def store_dir(template, tmp_path):
+    """A private copy of the module's ``template`` store (a module-scoped fixture that
+    builds one store for all its tests); modules with a ``store_dir`` of their own keep it."""
+    path = os.path.join(tmp_path, "store")
+    shutil.copytree(template, path)
+    return path

@@ -14,8 +14,10 @@ torch version; the frozen store and the crash children rely on that.
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import os
+import signal
 import struct
 from typing import Any
 
@@ -267,6 +269,27 @@ class CountingBackend:
 
     def close(self):
         return self.inner.close()
+
+
+
+class Hang(Exception):
+    """Raised by :func:`deadline` when the block it guards runs too long."""
+
+
+@contextlib.contextmanager
+def deadline(seconds: int):
+    """Raise :class:`Hang` in the main thread after ``seconds`` (SIGALRM): interrupts a
+    call blocked in the kernel (a FIFO open, a read) as well as a loop."""
+    def fire(signum, frame):
+        raise Hang(f"blocked for {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, fire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
 
 
 def flip_byte(path: str | os.PathLike, offset: int, mask: int = 0xFF) -> None:

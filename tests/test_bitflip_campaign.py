@@ -31,11 +31,10 @@ import glob
 import os
 import random
 import shutil
-import signal
 
 import pytest
 import torch
-from helpers import assert_state_equal, det_floats, det_tensor
+from helpers import Hang, assert_state_equal, deadline, det_floats, det_tensor
 
 import deltackpt
 from deltackpt import CorruptionError, DeltackptError, StepNotFoundError
@@ -59,24 +58,6 @@ def _state(step: int) -> dict:
         "step": step, "name": f"run-{step % 2}",
         "blob": bytes(range(256)) * 3,
     }
-
-
-class _Hang(Exception):
-    pass
-
-
-@contextlib.contextmanager
-def _deadline(seconds: int):
-    def fire(*_):
-        raise _Hang()
-
-    old = signal.signal(signal.SIGALRM, fire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +100,7 @@ def _probe(path: str, expected: dict, store=None) -> tuple[str, dict]:
     facts = {"raised": set(), "missing": set(), "verify": None}
     own = store is None
     try:
-        with _deadline(60):
+        with deadline(60):
             try:
                 if own:
                     store = deltackpt.open(path)
@@ -155,7 +136,7 @@ def _probe(path: str, expected: dict, store=None) -> tuple[str, dict]:
             finally:
                 if own:
                     store.close()
-    except _Hang:
+    except Hang:
         return "hang", facts
     except Exception as exc:  # noqa: BLE001 - anything but a deltackpt error is a crash
         facts["crash"] = repr(exc)

@@ -6,7 +6,6 @@ import collections
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 
@@ -49,13 +48,6 @@ def template(tmp_path_factory):
         for step in STEPS:
             s.save(_state(step), step, metrics={"loss": 1.0 / step, "acc": step * 10},
                    tags=[f"s{step}"], note="from the cli test")
-    return path
-
-
-@pytest.fixture
-def store_dir(template, tmp_path):
-    path = os.path.join(tmp_path, "store")
-    shutil.copytree(template, path)
     return path
 
 

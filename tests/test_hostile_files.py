@@ -12,37 +12,18 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
 
 import pytest
 import torch
-from helpers import assert_state_equal, det_floats
+from helpers import assert_state_equal, deadline, det_floats
 
 import deltackpt
 from deltackpt import CorruptionError, InvalidStoreError
 from deltackpt.reindex import reindex
 
 DEADLINE_S = 10
-
-
-class Hang(Exception):
-    pass
-
-
-@contextlib.contextmanager
-def deadline(seconds: int = DEADLINE_S):
-    def fire(signum, frame):
-        raise Hang(f"blocked for {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, fire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def _state(step: int) -> dict:
@@ -70,7 +51,7 @@ def _object_files(root: str, sub: str) -> list[str]:
 
 def test_config_fifo_is_refused_by_open_and_reindex(store_dir):
     _fifo(os.path.join(store_dir, "deltackpt.json"))
-    with deadline():
+    with deadline(DEADLINE_S):
         with pytest.raises(InvalidStoreError, match="deltackpt.json is not a regular file"):
             deltackpt.open(store_dir, create=False)
         with pytest.raises(InvalidStoreError, match="deltackpt.json is not a regular file"):
@@ -83,7 +64,7 @@ def test_index_fifo_is_corruption_naming_reindex_and_reindex_recovers(store_dir)
         with contextlib.suppress(FileNotFoundError):
             os.remove(index + extra)
     _fifo(index)
-    with deadline():
+    with deadline(DEADLINE_S):
         with pytest.raises(CorruptionError, match="not a regular file.*deltackpt reindex"):
             deltackpt.open(store_dir, create=False)
         os.remove(index)  # what the message tells the user to do next, minus the FIFO
@@ -125,7 +106,7 @@ def test_pack_or_manifest_fifo_does_not_hang_load_or_verify(store_dir, tmp_path)
 
 def test_fixtures_are_sound(store_dir):
     # without damage the same calls succeed: the failures above come from the FIFOs
-    with deadline(), deltackpt.open(store_dir, create=False) as s:
+    with deadline(DEADLINE_S), deltackpt.open(store_dir, create=False) as s:
         assert s.verify().ok
         assert_state_equal(s.load(2), _state(2))
     torch.testing.assert_close(_state(1)["w"], det_floats((4096,), seed=1), rtol=0, atol=0)

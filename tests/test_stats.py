@@ -47,13 +47,6 @@ def template(tmp_path_factory):
     return path
 
 
-@pytest.fixture
-def store_dir(template, tmp_path):
-    path = os.path.join(tmp_path, "store")
-    shutil.copytree(template, path)
-    return path
-
-
 def _frames(store, ids) -> int:
     rows = dict(store._index.query("SELECT id, length FROM blocks"))
     return sum(rows[b] for b in ids)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sqlite3
 
 import numpy as np
@@ -45,13 +44,6 @@ def template(tmp_path_factory):
                 state["model"]["twin"] = state["model"]["w"][:8].clone()
                 state["model"]["zz_twin"] = state["model"]["w"][:8].clone()
             s.save(state, i * 10)
-    return path
-
-
-@pytest.fixture
-def store_dir(template, tmp_path):
-    path = os.path.join(tmp_path, "store")
-    shutil.copytree(template, path)
     return path
 
 
