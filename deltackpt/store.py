@@ -20,7 +20,7 @@ import stat
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -424,7 +424,10 @@ class Store:
                 summaries.record(conn, [step])
                 crash_point("save:before-commit")
             crash_point("save:after-commit")
-            self._refresh_base_cache(plans, new_blocks)
+            try:
+                self._refresh_base_cache(plans, new_blocks)
+            except Exception:  # noqa: BLE001 - the step is committed; the cache is only a speed-up
+                self._base_cache = {}
             return SaveResult(step, logical, written, len(new_blocks), total,
                               time.perf_counter() - t0)
 
@@ -456,6 +459,9 @@ class Store:
                         target = info[5]  # the keyframe this block was encoded against
                 targets.append((target, bid, p, a, b))
         old = self._base_cache
+        # until the copies below are done, buffers of ``old`` may hold other blocks' bytes:
+        # if anything fails on the way, the next save decodes its bases from the packs
+        self._base_cache = {}
         wanted = {t[0] for t in targets}
         # buffers of blocks that leave the cache are reused for those that enter it:
         # fresh allocations would page-fault on every save
@@ -464,6 +470,7 @@ class Store:
             if bid not in wanted:
                 spare.setdefault(arr.nbytes, []).append(arr)
         fresh: dict[bytes, np.ndarray] = {}
+        copies: list[tuple[np.ndarray, np.ndarray]] = []
         used = 0
         for target, bid, p, a, b in targets:
             if target in fresh:
@@ -474,15 +481,16 @@ class Store:
                 fresh[target] = old[target]
             elif target == bid:
                 pool = spare.get(b - a)
-                if pool:
-                    buf = pool.pop()
-                    np.copyto(buf, p.data[a:b])
-                else:
-                    buf = p.data[a:b].copy()
+                buf = pool.pop() if pool else np.empty(b - a, dtype=np.uint8)
+                copies.append((buf, p.data[a:b]))
                 fresh[target] = buf
             else:
                 continue
             used += b - a
+        # the copy is on the save's critical path (~1/10 of a fully changed save): spread
+        # it over the pool, whose threads are idle now (numpy copies release the GIL)
+        _run_sliced(self._pool if self._threads > 1 else None, copies,
+                    lambda part: [np.copyto(dst, src) for dst, src in part])
         self._base_cache = fresh
 
     def _plan_entries(self, leaves: list[Leaf]) -> list[_EntryPlan]:
@@ -1372,6 +1380,17 @@ _DELTA_HINT_MARGIN = 0.97
 #: Adam's first moment at a 10-step interval (delta 0.81 of raw vs 0.82 standalone) would
 #: otherwise cost two encodings per save for a 1 % gain (docs/benchmarks.md)
 _DELTA_SKIP_SAVES = 3
+
+
+def _run_sliced(pool: ThreadPoolExecutor | None, items: list, fn: Callable[[list], Any],
+                slices: int = 4) -> None:
+    """Apply ``fn`` to ``items`` in a few contiguous slices, on ``pool`` when given."""
+    if pool is None or len(items) < 2:
+        fn(items)
+        return
+    n = min(slices, len(items))
+    parts = [items[i * len(items) // n:(i + 1) * len(items) // n] for i in range(n)]
+    wait_all([pool.submit(fn, part) for part in parts])
 
 
 def _encode_block(bid: bytes, raw: np.ndarray, width: int, cfg: StoreConfig,

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 
 import numpy as np
 import pytest
 
 from deltackpt import Backend, CorruptionError, InvalidStoreError, LocalBackend, MemoryBackend
 from deltackpt.backend import PARTIAL_SUFFIX
+from deltackpt.errors import StorageError
 
 
 @pytest.fixture(scope="module")
@@ -278,6 +280,84 @@ def test_durable_commit_fsyncs_every_directory_it_created(tmp_path):
     # every directory entry the commit depends on: the file's, and each new directory's
     for d in ("packs/ab", "packs", "manifests", "."):
         assert d in synced, (d, synced)
+
+
+def _durable_local(tmp_path, monkeypatch, flush_bytes=1024):
+    import deltackpt.backend
+
+    monkeypatch.setattr(deltackpt.backend, "EARLY_FLUSH_BYTES", flush_bytes)
+    root = os.path.join(tmp_path, "root")
+    os.makedirs(root)
+    return LocalBackend(root, durable=True)
+
+
+def test_a_growing_object_is_flushed_in_the_background_and_fully_at_commit(tmp_path,
+                                                                          monkeypatch):
+    b = _durable_local(tmp_path, monkeypatch)
+    synced: list[tuple[str, int]] = []
+    real = b.fsync_fd
+
+    def record(fd):
+        synced.append((threading.current_thread().name, os.fstat(fd).st_size))
+        real(fd)
+
+    b.fsync_fd = record
+    w = b.create("packs/big.pack")
+    for i in range(8):
+        w.write(bytes([i]) * 1000)
+    early = [size for name, size in synced if name == "deltackpt-flush"]
+    w.commit()
+    assert early, "no background flush ran"
+    assert max(early) < 8000  # it flushed a prefix while the writer went on
+    # the commit's own fsync covers the whole object, after every background flush
+    last_main = [size for name, size in synced if name != "deltackpt-flush"]
+    assert last_main and last_main[0] == 8000
+    assert b.read("packs/big.pack") == b"".join(bytes([i]) * 1000 for i in range(8))
+
+
+def test_a_failed_background_flush_fails_the_commit_and_stops_the_backend(tmp_path,
+                                                                         monkeypatch):
+    b = _durable_local(tmp_path, monkeypatch)
+
+    real = b.fsync_fd
+
+    def failing(fd):  # only the background flush fails: the commit's own fsync would pass
+        if threading.current_thread().name == "deltackpt-flush":
+            raise OSError(errno.EIO, "I/O error")
+        real(fd)
+
+    b.fsync_fd = failing
+    w = b.create("packs/x.pack")
+    w.write(b"a" * 2000)  # starts a flush, which fails
+    w.write(b"b" * 10)
+    with pytest.raises(OSError, match="I/O error"):
+        w.commit()
+    assert not b.exists("packs/x.pack")
+    assert not os.path.exists(b.path("packs/x.pack") + PARTIAL_SUFFIX)
+    with pytest.raises(StorageError, match="fsync of .*x.pack.partial failed"):
+        b.create("packs/y.pack")  # fsyncgate: nothing written since can be trusted
+
+
+def test_abort_waits_for_a_running_background_flush(tmp_path, monkeypatch):
+    b = _durable_local(tmp_path, monkeypatch)
+    started, release = threading.Event(), threading.Event()
+    seen: list[int] = []
+    real = b.fsync_fd
+
+    def slow(fd):
+        started.set()
+        assert release.wait(10)
+        seen.append(os.fstat(fd).st_size)  # the fd must still be ours
+        real(fd)
+
+    b.fsync_fd = slow
+    w = b.create("packs/x.pack")
+    w.write(b"a" * 2000)
+    assert started.wait(10)
+    threading.Timer(0.2, release.set).start()
+    w.abort()
+    assert seen == [2000]
+    assert not os.path.exists(b.path("packs/x.pack") + PARTIAL_SUFFIX)
 
 
 def test_local_backend_sees_in_place_truncation_as_corruption(tmp_path):

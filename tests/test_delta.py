@@ -258,3 +258,36 @@ def test_a_damaged_raw_len_of_a_shared_xor_base_is_a_corruption_error(tmp_path):
     with deltackpt.open(path) as store, pytest.raises(deltackpt.CorruptionError,
                                                       match="index expects 4104"):
         store.load(2)
+
+
+def test_a_failed_base_cache_refresh_leaves_no_stale_base_behind(tmp_path, monkeypatch):
+    """The cache refresh after a commit reuses the buffers of blocks leaving the cache. If it
+    fails half-way (say MemoryError), the committed save still returns, and no later save
+    computes a delta against a half-overwritten buffer: every step stays bit-exact."""
+    import deltackpt.store
+
+    real = deltackpt.store._run_sliced
+    fail = {"on": False}
+
+    def half_then_fail(pool, items, fn, slices=4):
+        if not fail["on"]:
+            return real(pool, items, fn, slices)
+        fn(items[: len(items) // 2])  # half of the reused buffers now hold other bytes
+        raise MemoryError("no room for the base cache")
+
+    monkeypatch.setattr(deltackpt.store, "_run_sliced", half_then_fail)
+    w = _bits_tensor(3, 8 * 4096, "float32")  # 8 blocks of 16 KiB
+    states = []
+    with deltackpt.open(tmp_path / "s", block_size=16384, delta="xor:chain:8",
+                        threads=2) as store:
+        for step in range(5):
+            states.append({"w": w.clone()})
+            fail["on"] = step == 2
+            result = store.save(states[-1], step=step)
+            assert result.step == step
+            if step == 2:
+                assert store._base_cache == {}
+            w = _perturb(w, 500 + step, 1.0)
+        for step, state in enumerate(states):
+            assert_state_equal(store.load(step), state)
+        assert store.verify().ok
