@@ -177,6 +177,38 @@ def _compress_stream(stream: np.ndarray, level: int) -> tuple[int, bytes | memor
     return STREAM_RAW, memoryview(stream)
 
 
+_LE16 = np.dtype("<u2")
+
+
+def group_into(grouped: np.ndarray, data: np.ndarray, width: int) -> None:
+    """Byte grouping: byte ``k`` of every ``width``-byte element of the flat uint8
+    ``data`` goes to row ``k`` of ``grouped`` (shape ``(width, len(data) // width)``)."""
+    if width == 2:
+        # two contiguous casts of the little-endian words beat numpy's strided byte copy 2x
+        words = data.view(_LE16)
+        np.copyto(grouped[0], words, casting="unsafe")
+        np.copyto(grouped[1], np.right_shift(words, 8), casting="unsafe")
+        return
+    # the element-wise residual then one strided copy per plane: 2x faster than copying
+    # the transpose (0.48 vs 1.04 ms per MiB of fp32), and faster than computing the XOR
+    # plane by plane on strided lanes (0.60 ms)
+    lanes = data.reshape(-1, width)
+    for k in range(width):
+        grouped[k] = lanes[:, k]
+
+
+def ungroup_into(out: np.ndarray, planes: list[np.ndarray], width: int) -> None:
+    """Inverse of :func:`group_into`: interleave ``width`` byte planes into flat ``out``."""
+    if width == 2:
+        words = out.view(_LE16)
+        np.left_shift(planes[1], 8, out=words, dtype=_LE16)
+        np.bitwise_or(words, planes[0], out=words)
+        return
+    target = out.reshape(-1, width)
+    for k, plane in enumerate(planes):
+        target[:, k] = plane
+
+
 def encode(raw: np.ndarray, bid: bytes, width: int, config: CodecConfig,
            base: np.ndarray | None = None, base_id: bytes | None = None,
            delta: int = DELTA_NONE) -> list[bytes | memoryview]:
@@ -197,14 +229,9 @@ def encode(raw: np.ndarray, bid: bytes, width: int, config: CodecConfig,
     transform = TRANSFORM_NONE
     if config.bytegroup and width > 1 and n:
         transform = TRANSFORM_BYTEGROUP
-        # the residual word-wise (contiguous), then one strided copy per byte plane:
-        # 2x faster than copying the transpose (0.48 vs 1.04 ms per MiB), and faster
-        # than computing the XOR plane by plane on strided lanes (0.60 ms)
         grouped = np.empty((width, n // width), dtype=np.uint8)
         data = apply_delta(delta, raw, base, width) if delta != DELTA_NONE else raw
-        lanes = data.reshape(-1, width)
-        for k in range(width):
-            grouped[k] = lanes[:, k]
+        group_into(grouped, data, width)
         streams = [grouped[k] for k in range(width)]
     else:
         streams = [apply_delta(delta, raw, base, width) if delta != DELTA_NONE else raw]
@@ -331,12 +358,10 @@ def decode_into(frame: bytes | memoryview, out: np.ndarray, info: FrameInfo | No
     mv, info = _checked_view(frame, info, where, out.nbytes)
     if info.delta != DELTA_NONE and (base is None or base.nbytes != info.raw_len):
         raise CorruptionError(f"{where}: delta base missing or of the wrong length")
-    grouped = info.transform == TRANSFORM_BYTEGROUP
-    target = out.reshape(-1, info.width) if grouped and info.raw_len else out
-    for k, src in _streams(mv, info, where):
-        if grouped:
-            target[:, k] = src
-        else:
+    if info.transform == TRANSFORM_BYTEGROUP and info.raw_len:
+        ungroup_into(out, [src for _, src in _streams(mv, info, where)], info.width)
+    else:
+        for _, src in _streams(mv, info, where):
             out[:] = src
     if info.delta != DELTA_NONE:
         assert base is not None

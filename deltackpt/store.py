@@ -1574,16 +1574,19 @@ class _Decoder:
                     raise CorruptionError(f"{label}: delta base {terminal.hex()[:12]} holds "
                                           f"{base.nbytes} bytes, the block {n}")
                 m = n // width
-                grouped = base.reshape(-1, width)
-                for k in range(width):
-                    part = acc[k * m:(k + 1) * m]
-                    np.bitwise_xor(part, grouped[:, k], out=part)
+                if width == 2:  # group_into's fast path, then one contiguous XOR
+                    grouped_base = np.empty(n, dtype=np.uint8)
+                    codec_mod.group_into(grouped_base.reshape(width, m), base, width)
+                    np.bitwise_xor(acc, grouped_base, out=acc)
+                else:
+                    grouped = base.reshape(-1, width)
+                    for k in range(width):
+                        part = acc[k * m:(k + 1) * m]
+                        np.bitwise_xor(part, grouped[:, k], out=part)
             finally:
                 self._release(terminal)
-        target = out.reshape(-1, width)
         m = n // width
-        for k in range(width):
-            target[:, k] = acc[k * m:(k + 1) * m]
+        codec_mod.ungroup_into(out, [acc[k * m:(k + 1) * m] for k in range(width)], width)
         if block_id(out, self.store.config.hash) != bid:
             raise CorruptionError(f"{label}: decoded bytes do not match its block id")
         with self._lock:  # the folded bases had this block as their only user

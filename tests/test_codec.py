@@ -402,3 +402,21 @@ def test_scan_pack_finds_every_frame_and_stops_at_a_torn_one():
     b.put("packs/aa/m.pack", b"NOTAPACK" + FRAME_W1)
     with pytest.raises(CorruptionError):
         list(scan_pack(b, "packs/aa/m.pack"))
+
+
+@pytest.mark.parametrize("width", [1, 2, 4, 8])
+@pytest.mark.parametrize("misaligned", [False, True])
+def test_group_and_ungroup_match_the_plain_byte_transpose(width, misaligned):
+    """The width-2 fast path (casts of little-endian words) and the strided copies give
+    exactly byte k of every element in plane k, also on a buffer at an odd address."""
+    rng = np.random.default_rng(width)
+    n = width * 1000
+    buf = rng.integers(0, 256, n + 1, dtype=np.uint8)
+    data = buf[1:] if misaligned else buf[:n]
+    reference = data.reshape(-1, width).T.copy()
+    grouped = np.empty((width, n // width), dtype=np.uint8)
+    C.group_into(grouped, data, width)
+    assert np.array_equal(grouped, reference)
+    out = np.empty(n + 1, dtype=np.uint8)[1:] if misaligned else np.empty(n, dtype=np.uint8)
+    C.ungroup_into(out, [reference[k] for k in range(width)], width)
+    assert np.array_equal(out, data)
