@@ -1,9 +1,13 @@
 """Pack objects: append-only containers of frames, and step manifests.
 
-A pack is ``PACK_MAGIC`` followed by frames back to back (docs/format.md,
-"Packs"). Packs are immutable once committed; a save writes new packs, rotated
-at ``target_size``. Frames are self-delimiting, so the block index of a pack can
-be rebuilt by scanning it (:func:`scan_pack`), which is what ``reindex`` does.
+A pack is ``PACK_MAGIC`` followed by frames back to back, then a pack index: a
+copy of every frame header, zstd-compressed, and a fixed footer that locates it
+(docs/format.md, "Packs"). Packs are immutable once committed; a save writes new
+packs, rotated at ``target_size``. ``reindex`` and a remote store's cache rebuild
+list a pack's frames with :func:`scan_pack`: from the pack index when it checks
+out (usually one read of the pack's tail: one ranged GET), else by walking the
+self-delimiting frames one header at a time (packs of older writers, a damaged
+index).
 
 A manifest is the durable, index-independent record of one committed step:
 ``MANIFEST_MAGIC``, a CRC32 of the payload, and the zstd-compressed JSON payload.
@@ -25,6 +29,15 @@ from .codec import HEADER_SIZE, FrameInfo, parse_header
 from .errors import CorruptionError, FormatVersionError
 
 PACK_MAGIC = b"DKPACK\x00\x01"
+#: the last bytes of a pack with a pack index: magic, index offset, index length, CRC32
+PACK_INDEX_MAGIC = b"DKPIDX\x00\x01"
+_FOOTER = struct.Struct("<8sQII")
+FOOTER_SIZE = _FOOTER.size  # 24
+#: the smallest frame is a header with one stream table entry and a CRC
+_MIN_FRAME = HEADER_SIZE + 5 + 4
+#: one read at the end of a pack that usually holds the whole pack index (~1 KiB per
+#: 100 frames): a remote rebuild then costs one ranged GET per pack
+_TAIL_GUESS = 64 * 1024
 MANIFEST_MAGIC = b"DKM1"
 MANIFEST_VERSION = 1
 PACK_PREFIX = "packs/"
@@ -61,12 +74,17 @@ class PackWriter:
     #: called before a pack is started/committed (fault-injection hook)
     on_event: object = None
 
+    _headers: list[bytes] = field(default_factory=list)
+
     def add(self, parts: list[bytes | memoryview]) -> tuple[str, int, int]:
-        """Append one frame; returns (pack name, offset, length)."""
+        """Append one frame (its header at the start of ``parts[0]``); returns
+        (pack name, offset, length)."""
         if self._current is None or self._current.tell() >= self.target_size:
             self._rotate()
         assert self._current is not None and self._current_name is not None
         offset = self._current.tell()
+        head = bytes(memoryview(parts[0])[:MAX_FRAME_HEADER])
+        self._headers.append(head[:header_length(head)])
         for p in parts:
             self._current.write(p)
         return self._current_name, offset, self._current.tell() - offset
@@ -76,9 +94,16 @@ class PackWriter:
         self._current_name = new_pack_name()
         self._current = self.backend.create(self._current_name)
         self._current.write(PACK_MAGIC)
+        self._headers = []
 
     def _commit_current(self) -> None:
         if self._current is not None:
+            index_offset = self._current.tell()
+            body = zstandard.ZstdCompressor(level=3).compress(b"".join(self._headers))
+            self._current.write(body)
+            self._current.write(_FOOTER.pack(PACK_INDEX_MAGIC, index_offset, len(body),
+                                             zlib.crc32(body)))
+            self._headers = []
             size = self._current.tell()
             self._current.commit()
             self.finished.append((self._current_name, size))  # type: ignore[arg-type]
@@ -104,13 +129,66 @@ class PackWriter:
         self.finished = []
 
 
-def scan_pack(backend: Backend, pack: str) -> Iterator[tuple[FrameInfo, int]]:
-    """Yield (frame info, offset) for every well-formed frame of a pack, in order.
+def header_length(head: bytes | memoryview) -> int:
+    """Length of the frame header (with stream table and CRC) at the start of ``head``."""
+    return HEADER_SIZE + head[8] * 5 + 4  # byte 8 of the header is the stream count
 
-    Stops at the first torn or damaged frame (everything after it is unreachable
-    by a scan; the index may still know it).
+
+def read_pack_index(backend: Backend, pack: str,
+                    size: int | None = None) -> list[tuple[FrameInfo, int]] | None:
+    """The frames of a pack as its pack index lists them, or None when the pack has no
+    index or it does not check out (footer, CRC, every header's own CRC, and frames that
+    tile the pack exactly from the magic to the index)."""
+    if size is None:
+        size = backend.size(pack)
+    if size < len(PACK_MAGIC) + FOOTER_SIZE:
+        return None
+    tail_len = min(size, _TAIL_GUESS)
+    tail = backend.read(pack, size - tail_len, tail_len)
+    magic, index_offset, index_len, crc = _FOOTER.unpack_from(tail, tail_len - FOOTER_SIZE)
+    if magic != PACK_INDEX_MAGIC or index_offset < len(PACK_MAGIC) or \
+            index_offset + index_len + FOOTER_SIZE != size:
+        return None
+    if index_offset >= size - tail_len:
+        start = index_offset - (size - tail_len)
+        body = tail[start:start + index_len]
+    else:
+        body = backend.read(pack, index_offset, index_len)
+    if zlib.crc32(body) != crc:
+        return None
+    # every frame is at least _MIN_FRAME bytes and its header at most MAX_FRAME_HEADER
+    limit = (index_offset - len(PACK_MAGIC)) // _MIN_FRAME * MAX_FRAME_HEADER
+    try:
+        headers = zstandard.ZstdDecompressor().decompress(body, max_output_size=limit) \
+            if body else b""
+    except zstandard.ZstdError:
+        return None
+    out: list[tuple[FrameInfo, int]] = []
+    pos, offset = 0, len(PACK_MAGIC)
+    try:
+        while pos < len(headers):
+            info = parse_header(headers[pos:pos + MAX_FRAME_HEADER], f"{pack}: pack index")
+            out.append((info, offset))
+            pos += info.payload_offset
+            offset += info.frame_len
+    except CorruptionError:
+        return None
+    return out if offset == index_offset else None
+
+
+def scan_pack(backend: Backend, pack: str) -> Iterator[tuple[FrameInfo, int]]:
+    """Yield (frame info, offset) for every frame of a pack, in order.
+
+    From the pack index when it checks out; else by walking the frames, which stops at
+    the first torn or damaged one (everything after it is unreachable by a scan; the
+    index may still know it).
     """
     size = backend.size(pack)
+    # the pack index first: one read of the tail (a ranged GET) answers for the whole pack
+    listed = read_pack_index(backend, pack, size)
+    if listed is not None:
+        yield from listed
+        return
     if size < len(PACK_MAGIC) or backend.read(pack, 0, len(PACK_MAGIC)) != PACK_MAGIC:
         raise CorruptionError(f"{pack}: not a deltackpt pack (bad magic)")
     offset = len(PACK_MAGIC)

@@ -52,12 +52,14 @@ from .lock import WriterLock
 from .packs import (
     MANIFEST_PREFIX,
     MANIFEST_VERSION,
+    MAX_FRAME_HEADER,
     PACK_MAGIC,
     PACK_PREFIX,
     PackWriter,
     decode_manifest,
     encode_manifest,
     manifest_name,
+    read_pack_index,
 )
 from .results import EntryInfo, GcResult, SaveResult, StepInfo, VerifyResult
 from .tensors import empty_output, finish_output, leaf_bytes, move, output_bytes
@@ -859,6 +861,10 @@ class Store:
                     else "bad magic"
             except (OSError, InvalidStoreError, TypeError) as exc:
                 ok, why = False, str(exc)
+            if ok:
+                why = self._pack_index_problem(
+                    name, size, [(b, loc) for b, loc in locations.items() if loc.pack == name])
+                ok = why is None
             if not ok:
                 bad_packs[name] = why
         if bad_packs:
@@ -905,6 +911,32 @@ class Store:
                     damaged.add(s)
         result.damaged_steps = sorted(damaged)
         return result
+
+    def _pack_index_problem(self, name: str, size: int,
+                            located: list[tuple[bytes, _Location]]) -> str | None:
+        """Why the pack index of ``name`` is damaged, or None. A pack without one (older
+        writers) must end with its last frame; one with one must list every frame the
+        index locates in it. Loads never read it; reindex falls back to the frames."""
+        try:
+            listed = read_pack_index(self.backend, name, size)
+            if listed is not None:
+                frames = {(off, info.frame_len): info.block_id for info, off in listed}
+                for bid, loc in located:
+                    if frames.get((loc.offset, loc.length)) != bid:
+                        return (f"its pack index does not list block {bid.hex()[:12]} at "
+                                f"{loc.offset}+{loc.length}")
+                return None
+            # no valid pack index: walk the frames past the last one the index knows
+            end = max((loc.offset + loc.length for _, loc in located), default=len(PACK_MAGIC))
+            while end < size:
+                head = self.backend.read(name, end, min(MAX_FRAME_HEADER, size - end))
+                info = codec_mod.parse_header(head, f"{name}@{end}")
+                end += info.frame_len
+        except (CorruptionError, OSError):
+            end = -1
+        if end != size:
+            return "damaged pack index (reindex falls back to reading every frame header)"
+        return None
 
     # -- delete / gc ----------------------------------------------------------
     @_storage_errors("delete", step_arg=0)

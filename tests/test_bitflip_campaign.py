@@ -179,10 +179,13 @@ def _data_files(path: str, sub: str) -> list[tuple[str, int]]:
 def _inside_zstd_payload(pack: bytes, offset: int) -> bool:
     """Whether ``offset`` of a pack lies in a zstd stream, past its frame descriptor."""
     from deltackpt import codec as C
-    from deltackpt.packs import PACK_MAGIC
+    from deltackpt.packs import FOOTER_SIZE, PACK_INDEX_MAGIC, PACK_MAGIC
 
     pos = len(PACK_MAGIC)
-    while pos < len(pack):
+    end = len(pack)
+    if pack[-FOOTER_SIZE:-FOOTER_SIZE + 8] == PACK_INDEX_MAGIC:  # frames stop at the index
+        end = int.from_bytes(pack[-FOOTER_SIZE + 8:-FOOTER_SIZE + 16], "little")
+    while pos < end:
         info = C.parse_header(pack[pos:pos + 200])
         start = pos + info.payload_offset
         for mode, n in info.streams:
@@ -393,7 +396,12 @@ def test_a_renamed_key_in_the_index_tree_is_refused_by_load_and_verify(template,
             assert_state_equal(s.load(step), template["expected"][step])
 
 
-def test_reindex_rebuilds_a_lost_index_and_recovers_every_intact_step(template, tmp_path):
+@pytest.mark.parametrize("pack_index", ["damaged", "intact"])
+def test_reindex_rebuilds_a_lost_index_and_recovers_every_intact_step(template, tmp_path,
+                                                                      pack_index):
+    """A damaged frame header: walking the frames (no usable pack index) loses the steps
+    that need it; through an intact pack index reindex places the block anyway, and the
+    damage shows where all payload damage shows, in load and verify, never as wrong bytes."""
     path = os.path.join(tmp_path, "store")
     shutil.copytree(template["path"], path)
     os.remove(os.path.join(path, "index.sqlite"))
@@ -408,10 +416,22 @@ def test_reindex_rebuilds_a_lost_index_and_recovers_every_intact_step(template, 
     with open(os.path.join(path, *row["pack"].split("/")), "r+b") as f:
         f.seek(row["offset"])
         f.write(b"XXXX")  # the frame magic: a scan cannot read this frame
+        if pack_index == "damaged":
+            f.seek(-1, os.SEEK_END)
+            last = f.read(1)
+            f.seek(-1, os.SEEK_END)
+            f.write(bytes([last[0] ^ 0xFF]))  # the footer's CRC
     res = reindex(path)
-    assert 4 in res.steps_lost and res.steps_recovered == [1, 2, 3]
     with deltackpt.open(path) as s:
-        assert s.steps() == [1, 2, 3]
+        if pack_index == "damaged":
+            assert 4 in res.steps_lost and res.steps_recovered == [1, 2, 3]
+            assert s.steps() == [1, 2, 3]
+        else:
+            assert res.steps_recovered == [1, 2, 3, 4] and not res.steps_lost
+            with pytest.raises(CorruptionError, match="bad frame magic"):
+                s.load(4)
+            assert s.verify(4).damaged_steps == [4]
         for step in (1, 2, 3):
             assert_state_equal(s.load(step), template["expected"][step])
-        assert s.verify().ok
+        r = s.verify()  # damaged: the pack held only step 4's blocks, it is no longer used
+        assert r.damaged_steps == ([] if pack_index == "damaged" else [4]), r.problems

@@ -315,3 +315,76 @@ def test_a_damaged_delta_base_does_not_poison_new_saves(tmp_path):
         assert r.new_chunks == 3
         assert_state_equal(s.load(4), {"w": w})
         assert s.verify(4).ok and s.verify().damaged_steps == [3]
+
+
+def _pack_files(path):
+    out = []
+    for d, _, files in os.walk(os.path.join(path, "packs")):
+        out += [os.path.join(d, f) for f in files if f.endswith(".pack")]
+    return sorted(out)
+
+
+def test_every_pack_ends_in_a_pack_index_that_lists_what_a_frame_walk_finds(damaged):
+    """The pack index lists exactly the frames a walk of the pack finds, at the same offsets,
+    and a scan answers from it in one read of the pack's tail instead of one per frame."""
+    from deltackpt.packs import PACK_INDEX_MAGIC, read_pack_index, scan_pack
+
+    path, store = damaged
+    for pack in _pack_files(path):
+        name = os.path.relpath(pack, path).replace(os.sep, "/")
+        with open(pack, "rb") as f:
+            data = f.read()
+        assert data[-24:-16] == PACK_INDEX_MAGIC
+        index_offset = int.from_bytes(data[-16:-8], "little")
+        walked, pos = [], 8
+        while pos < index_offset:
+            info = C.parse_header(data[pos:pos + 200])
+            walked.append((info.block_id, pos, info.frame_len))
+            pos += info.frame_len
+        assert pos == index_offset
+        listed = read_pack_index(store.backend, name)
+        assert [(i.block_id, off, i.frame_len) for i, off in listed] == walked
+        reads = []
+        real = store.backend.read
+
+        def counting(n, offset=0, length=None, reads=reads, real=real):
+            reads.append((offset, length))
+            return real(n, offset, length)
+
+        store.backend.read = counting
+        try:
+            assert [(i.block_id, off, i.frame_len) for i, off in scan_pack(store.backend,
+                                                                           name)] == walked
+        finally:
+            del store.backend.read
+        assert len(reads) == 1 < len(walked), reads  # the tail, which holds the pack index
+
+
+@pytest.mark.parametrize("where", ["crc", "magic", "body"])
+def test_a_damaged_pack_index_is_reported_by_verify_and_reindex_walks_the_frames(damaged,
+                                                                               where):
+    """Loads never read the pack index: every step still loads. verify reports the pack
+    (no step is damaged), and reindex recovers every step by walking the frames."""
+    from deltackpt.reindex import reindex
+
+    path, store = damaged
+    pack = _pack_files(path)[0]
+    with open(pack, "r+b") as f:
+        data = f.read()
+        index_offset = int.from_bytes(data[-16:-8], "little")
+        pos = {"crc": len(data) - 1, "magic": len(data) - 24,
+               "body": index_offset + (len(data) - 24 - index_offset) // 2}[where]
+        f.seek(pos)
+        f.write(bytes([data[pos] ^ 0x55]))
+    expected = _states()
+    for step, st_ in expected.items():
+        assert_state_equal(store.load(step), st_)
+    r = store.verify()
+    assert r.damaged_steps == [] and len(r.problems) == 1, r.problems
+    assert "damaged pack index" in r.problems[0] and os.path.basename(pack) in r.problems[0]
+    store.close()
+    res = reindex(path)
+    assert res.steps_recovered == [1, 2] and not res.steps_lost
+    with deltackpt.open(path) as s:
+        for step, st_ in expected.items():
+            assert_state_equal(s.load(step), st_)

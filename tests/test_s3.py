@@ -158,6 +158,25 @@ def test_reopen_from_a_fresh_process_and_cache(s3, tmp_path):
         assert n <= 4, st.backend.requests  # config, two listings: nothing to rescan
 
 
+def test_an_empty_cache_reads_each_packs_index_not_each_frame_header(s3, tmp_path):
+    """Catching up a fresh cache costs a ranged GET or two per pack (its pack index), not
+    one per frame: the request count that decides the cost of a 1,024-rank run
+    (docs/scaling.md)."""
+    url = f"s3://{s3.prefix()}"
+    with open_s3(s3, url, str(tmp_path / "writer"), block_size=512 * 1024) as st:
+        for step in (0, 1, 2):  # frames too far apart for readahead windows to share GETs
+            st.save(state(step, big=True), step=step)
+        frames = st._index.query("SELECT COUNT(*) FROM blocks")[0][0]
+        packs = st._index.query("SELECT COUNT(*) FROM packs")[0][0]
+    assert frames >= 10 * packs, (frames, packs)
+    with open_s3(s3, url, str(tmp_path / "fresh"), block_size=512 * 1024) as st:
+        gets = st.backend.requests.get("get_object", 0)
+        assert st.steps() == [0, 1, 2] and st.last_refresh == "incremental"
+        assert_state_equal(st.load(2), state(2, big=True))
+    # deltackpt.json, 3 manifests, then one GET of each pack's tail
+    assert gets <= 1 + 3 + packs, (gets, packs, frames)
+
+
 def test_a_reader_cache_follows_another_writers_delete_and_repack(s3, tmp_path):
     url = f"s3://{s3.prefix()}"
     with open_s3(s3, url, str(tmp_path / "w")) as w:
