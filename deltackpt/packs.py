@@ -156,12 +156,19 @@ def read_pack_index(backend: Backend, pack: str,
         body = backend.read(pack, index_offset, index_len)
     if zlib.crc32(body) != crc:
         return None
-    # every frame is at least _MIN_FRAME bytes and its header at most MAX_FRAME_HEADER
+    # every frame is at least _MIN_FRAME bytes and its header at most MAX_FRAME_HEADER; the
+    # body must declare its size (the writer always does): zstd would otherwise allocate the
+    # whole limit up front, ~2.3x the pack, for a damaged body
     limit = (index_offset - len(PACK_MAGIC)) // _MIN_FRAME * MAX_FRAME_HEADER
     try:
-        headers = zstandard.ZstdDecompressor().decompress(body, max_output_size=limit) \
+        declared = zstandard.frame_content_size(body) if body else 0
+        if declared < 0 or declared > limit:
+            return None
+        headers = zstandard.ZstdDecompressor().decompress(body, max_output_size=declared) \
             if body else b""
     except zstandard.ZstdError:
+        return None
+    if len(headers) != declared:
         return None
     out: list[tuple[FrameInfo, int]] = []
     pos, offset = 0, len(PACK_MAGIC)

@@ -420,3 +420,40 @@ def test_group_and_ungroup_match_the_plain_byte_transpose(width, misaligned):
     out = np.empty(n + 1, dtype=np.uint8)[1:] if misaligned else np.empty(n, dtype=np.uint8)
     C.ungroup_into(out, [reference[k] for k in range(width)], width)
     assert np.array_equal(out, data)
+
+
+@pytest.mark.parametrize("declared", ["none", "huge"])
+def test_a_pack_index_body_that_hides_its_size_is_refused_without_allocating(declared):
+    """A damaged or crafted pack index whose zstd body does not declare its size (or declares
+    more than the pack's frames could need) is no index: the scan walks the frames, and never
+    lets zstd allocate its output bound (~2.3x the pack) up front."""
+    from deltackpt import MemoryBackend
+    from deltackpt.packs import FOOTER_SIZE, PACK_INDEX_MAGIC, read_pack_index
+
+    frames = [b"".join(bytes(p) for p in C.encode(raw, C.block_id(raw), 4, C.CodecConfig()))
+              for raw in (np.frombuffer(det_bytes(4096, k), dtype=np.uint8) for k in (1, 2))]
+    pad = b"\0" * (8 << 20)  # a big pack: its bound would be ~19 MiB
+    frames.append(b"".join(bytes(p) for p in C.encode(
+        np.frombuffer(pad, dtype=np.uint8), C.block_id(np.frombuffer(pad, dtype=np.uint8)), 4,
+        C.CodecConfig())))
+    body_src = b"".join(f[:C.parse_header(f).payload_offset] for f in frames)
+    body = zstandard.ZstdCompressor(write_content_size=False).compress(body_src)
+    data = PACK_MAGIC + b"".join(frames)
+    index_offset = len(data)
+    if declared == "huge":  # a frame claiming 1 GiB of headers
+        body = zstandard.ZstdCompressor().compress(b"\0" * (64 << 20))
+    data += body + struct.pack("<8sQII", PACK_INDEX_MAGIC, index_offset, len(body),
+                               zlib.crc32(body))
+    assert len(data) == index_offset + len(body) + FOOTER_SIZE
+    b = MemoryBackend()
+    b.put("packs/aa/p.pack", data)
+    tracemalloc.start()
+    try:
+        assert read_pack_index(b, "packs/aa/p.pack") is None
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 << 20, peak
+    # the walk still finds every frame
+    assert [i.block_id for i, _ in scan_pack(b, "packs/aa/p.pack")] == \
+        [C.parse_header(f).block_id for f in frames]

@@ -24,7 +24,13 @@ from hypothesis import strategies as st
 from deltackpt import codec as C
 from deltackpt.backend import MemoryBackend
 from deltackpt.errors import CorruptionError, FormatVersionError
-from deltackpt.packs import PACK_MAGIC, decode_manifest, encode_manifest, scan_pack
+from deltackpt.packs import (
+    PACK_MAGIC,
+    PackWriter,
+    decode_manifest,
+    encode_manifest,
+    scan_pack,
+)
 
 CASES: collections.Counter = collections.Counter()
 DEFAULT = settings(max_examples=700, deadline=None, derandomize=True,
@@ -147,7 +153,20 @@ def _manifest_case(data: bytes) -> None:
 
 
 VALID_FRAMES = [f for f, _, _ in FRAMES]
-PACKS = [PACK_MAGIC + b"".join(VALID_FRAMES), PACK_MAGIC + VALID_FRAMES[1] * 3]
+
+
+def _indexed_pack(frames: list[bytes]) -> bytes:
+    """A pack as PackWriter writes it: frames, then its pack index and footer."""
+    backend = MemoryBackend()
+    writer = PackWriter(backend)
+    for frame in frames:
+        name, _, _ = writer.add([frame])
+    writer.finish()
+    return backend.read(name)
+
+
+PACKS = [PACK_MAGIC + b"".join(VALID_FRAMES), PACK_MAGIC + VALID_FRAMES[1] * 3,
+         _indexed_pack(VALID_FRAMES), _indexed_pack(VALID_FRAMES[1:3])]
 
 
 def _run(fn, strategy, cfg):
@@ -177,6 +196,9 @@ def test_valid_inputs_pass_unchanged():
     backend = MemoryBackend()
     backend.put("p", PACKS[0])
     assert len(list(scan_pack(backend, "p"))) == len(FRAMES)
+    backend.put("q", PACKS[2])  # through its pack index: the same frames at the same offsets
+    assert [(i.block_id, off) for i, off in scan_pack(backend, "q")] == \
+        [(i.block_id, off) for i, off in scan_pack(backend, "p")]
     for m in MANIFESTS:
         assert decode_manifest(m)["manifest_version"] == 1
 
