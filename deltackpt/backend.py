@@ -112,24 +112,47 @@ class _LocalWriter:
             if self._flusher.is_alive():
                 return
             self._flusher.join()
+            self._flusher = None
         if self._flush_error is not None:
-            return  # commit reports it
-        self._flushed_to = self._pos
+            return  # _settle_flush reports it
+        flushed_to = self._pos
 
         def flush() -> None:
             try:
                 self._backend.fsync_fd(self._fd)
-            except BaseException as exc:  # noqa: BLE001 - re-raised by commit
+            except BaseException as exc:  # noqa: BLE001 - re-raised by _settle_flush
                 self._flush_error = exc
 
-        self._flusher = threading.Thread(target=flush, name="deltackpt-flush", daemon=True)
-        self._flusher.start()
+        flusher = threading.Thread(target=flush, name="deltackpt-flush", daemon=True)
+        try:
+            flusher.start()
+        except RuntimeError:
+            return  # no thread to spare: the fsync at commit covers everything anyway
+        self._flusher = flusher
+        self._flushed_to = flushed_to
 
     def _wait_flush(self) -> None:
-        # the fd must outlive a background fsync of it (a closed fd number is reused)
-        if self._flusher is not None:
-            self._flusher.join()
-            self._flusher = None
+        # the fd must outlive a background fsync of it (a closed fd number is reused), so
+        # an interrupt during the wait still waits before it propagates
+        flusher = self._flusher
+        if flusher is None:
+            return
+        try:
+            flusher.join()
+        except BaseException:
+            flusher.join()
+            raise
+        finally:
+            if not flusher.is_alive():
+                self._flusher = None
+
+    def _settle_flush(self) -> None:
+        """Wait for a background flush; a failed one fails the backend (fsyncgate) and
+        this object: on Linux, only one fsync of a file reports a write-back error."""
+        self._wait_flush()
+        if self._flush_error is not None:
+            self._backend._fsync_failed(self._tmp, self._flush_error)
+            raise self._flush_error
 
     def tell(self) -> int:
         return self._pos
@@ -141,14 +164,12 @@ class _LocalWriter:
             self.abort()
             raise FileExistsError(errno.EEXIST, "object exists", self._final)
         try:
-            self._wait_flush()
-            if self._flush_error is not None:
-                self._backend._fsync_failed(self._tmp, self._flush_error)
-                raise self._flush_error
+            self._settle_flush()
             if self._backend.durable:
                 self._backend._fsync(self._fd, self._tmp)
         except BaseException:
             # its bytes may never reach the disk: never commit it (it is unreferenced)
+            self._wait_flush()
             os.close(self._fd)
             self._done = True
             _unlink_quietly(self._tmp)
@@ -161,7 +182,10 @@ class _LocalWriter:
     def abort(self) -> None:
         if not self._done:
             self._done = True
-            self._wait_flush()
+            try:
+                self._settle_flush()  # an aborted object's bytes do not matter; the disk's do
+            except BaseException:  # noqa: BLE001 - recorded on the backend; abort goes on
+                pass
             try:
                 os.close(self._fd)
             finally:
@@ -302,6 +326,7 @@ class LocalBackend:
             w.write(data)
             final = w._final
             # put replaces: remove the old object only after the new one is durable
+            w._settle_flush()
             if self.durable:
                 self._fsync(w._fd, w._tmp)
             w._done = True

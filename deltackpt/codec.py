@@ -182,7 +182,8 @@ _LE16 = np.dtype("<u2")
 
 def group_into(grouped: np.ndarray, data: np.ndarray, width: int) -> None:
     """Byte grouping: byte ``k`` of every ``width``-byte element of the flat uint8
-    ``data`` goes to row ``k`` of ``grouped`` (shape ``(width, len(data) // width)``)."""
+    ``data`` goes to row ``k`` of ``grouped`` (shape ``(width, len(data) // width)``).
+    Both contiguous, not overlapping."""
     if width == 2:
         # two contiguous casts of the little-endian words beat numpy's strided byte copy 2x
         words = data.view(_LE16)
@@ -198,10 +199,11 @@ def group_into(grouped: np.ndarray, data: np.ndarray, width: int) -> None:
 
 
 def ungroup_into(out: np.ndarray, planes: list[np.ndarray], width: int) -> None:
-    """Inverse of :func:`group_into`: interleave ``width`` byte planes into flat ``out``."""
+    """Inverse of :func:`group_into`: interleave ``width`` byte planes into flat ``out``
+    (contiguous; the planes must not overlap it)."""
     if width == 2:
         words = out.view(_LE16)
-        np.left_shift(planes[1], 8, out=words, dtype=_LE16)
+        np.left_shift(planes[1], 8, out=words, dtype=np.uint16)  # native; cast into out
         np.bitwise_or(words, planes[0], out=words)
         return
     target = out.reshape(-1, width)

@@ -354,7 +354,7 @@ class StorageWriter(dcp_storage.StorageWriter):
             except BaseException:
                 writer.abort()
                 raise
-            store._refresh_base_cache(plans, new_blocks)
+            store._refresh_after_commit(plans, new_blocks, self.step)
         results = []
         claimed: set[bytes] = set()
         for item, p in zip(plan.items, plans):

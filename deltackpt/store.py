@@ -19,6 +19,7 @@ import sqlite3
 import stat
 import threading
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -426,10 +427,7 @@ class Store:
                 summaries.record(conn, [step])
                 crash_point("save:before-commit")
             crash_point("save:after-commit")
-            try:
-                self._refresh_base_cache(plans, new_blocks)
-            except Exception:  # noqa: BLE001 - the step is committed; the cache is only a speed-up
-                self._base_cache = {}
+            self._refresh_after_commit(plans, new_blocks, step)
             return SaveResult(step, logical, written, len(new_blocks), total,
                               time.perf_counter() - t0)
 
@@ -439,6 +437,18 @@ class Store:
         if row and row[0][0] is not None:
             return row[0][0]
         return self.latest()
+
+    def _refresh_after_commit(self, plans: list[_EntryPlan], new_blocks: dict,
+                              step: int) -> None:
+        """:meth:`_refresh_base_cache` once ``step``'s blocks are durable: a failure there
+        (MemoryError, say) must not fail a save whose data is safe, so it warns instead."""
+        try:
+            self._refresh_base_cache(plans, new_blocks)
+        except Exception as exc:  # noqa: BLE001 - the cache is only a speed-up
+            self._base_cache = {}
+            warnings.warn(f"{self.location}: step {step}: keeping the blocks just written as "
+                          f"delta bases failed ({exc!r}); the next save decodes its bases "
+                          "from the packs", RuntimeWarning, stacklevel=3)
 
     def _refresh_base_cache(self, plans: list[_EntryPlan], new_blocks: dict) -> None:
         """Keep the raw bytes the next save's deltas will be computed against.

@@ -360,6 +360,60 @@ def test_abort_waits_for_a_running_background_flush(tmp_path, monkeypatch):
     assert not os.path.exists(b.path("packs/x.pack") + PARTIAL_SUFFIX)
 
 
+def _fail_in_flush_thread(b):
+    real = b.fsync_fd
+
+    def fsync(fd):
+        if threading.current_thread().name == "deltackpt-flush":
+            raise OSError(errno.EIO, "I/O error")
+        real(fd)
+
+    b.fsync_fd = fsync
+
+
+def test_put_waits_for_its_background_flush_and_keeps_the_old_object_when_it_fails(
+        tmp_path, monkeypatch):
+    """Linux reports a write-back error to one fsync of a file only: put's own fsync may pass
+    after the background one failed. put must not replace the object then."""
+    b = _durable_local(tmp_path, monkeypatch)
+    b.put("manifests/m", b"old")
+    _fail_in_flush_thread(b)
+    with pytest.raises(OSError, match="I/O error"):
+        b.put("manifests/m", b"n" * 5000)
+    assert b.read("manifests/m") == b"old"
+    assert not os.path.exists(b.path("manifests/m") + PARTIAL_SUFFIX)
+    assert not [t for t in threading.enumerate() if t.name == "deltackpt-flush"]
+    with pytest.raises(StorageError, match="refusing to write"):
+        b.put("manifests/m", b"again")
+
+
+def test_abort_after_a_failed_background_flush_still_stops_the_backend(tmp_path, monkeypatch):
+    b = _durable_local(tmp_path, monkeypatch)
+    _fail_in_flush_thread(b)
+    w = b.create("packs/x.pack")
+    w.write(b"a" * 2000)
+    w.abort()  # the save failed for another reason: the disk error must not be forgotten
+    with pytest.raises(StorageError, match="refusing to write"):
+        b.create("packs/y.pack")
+
+
+def test_no_thread_to_spare_means_no_early_flush_not_a_failed_write(tmp_path, monkeypatch):
+    b = _durable_local(tmp_path, monkeypatch)
+
+    def refuse(self):
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    w = b.create("packs/x.pack")
+    w.write(b"a" * 5000)
+    w.commit()
+    assert b.read("packs/x.pack") == b"a" * 5000
+    w2 = b.create("packs/y.pack")
+    w2.write(b"b" * 5000)
+    w2.abort()
+    assert not os.path.exists(b.path("packs/y.pack") + PARTIAL_SUFFIX)
+
+
 def test_local_backend_sees_in_place_truncation_as_corruption(tmp_path):
     b = LocalBackend(tmp_path)
     b.put("o", DATA)
