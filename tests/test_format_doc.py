@@ -191,7 +191,9 @@ def test_constants_table(doc):
 def test_magics(doc):
     assert packs.PACK_MAGIC.hex(" ") == "44 4b 50 41 43 4b 00 01"
     assert packs.MANIFEST_MAGIC.hex(" ") == "44 4b 4d 31"
-    for magic in (packs.PACK_MAGIC, packs.MANIFEST_MAGIC, codec.FRAME_MAGIC):
+    assert packs.PACK_INDEX_MAGIC.hex(" ") == "44 4b 50 49 44 58 00 01"
+    for magic in (packs.PACK_MAGIC, packs.MANIFEST_MAGIC, codec.FRAME_MAGIC,
+                  packs.PACK_INDEX_MAGIC):
         assert magic.hex(" ").upper() in doc, f"magic {magic!r} not spelled out in the doc"
 
 

@@ -522,6 +522,31 @@ def test_frozen_store_loads_every_step_bit_exact(frozen_copy):
         assert (g.bytes_freed, g.blocks_deleted, g.objects_deleted) == (0, 0, 0)
 
 
+def test_frozen_store_packs_without_an_index_mix_with_new_indexed_packs(frozen_copy):
+    """Packs written before the pack index are walked frame by frame, new ones read through
+    their index; verify and reindex accept the mix (format.md §10, §17)."""
+    from deltackpt.packs import read_pack_index
+    from deltackpt.reindex import reindex
+
+    with deltackpt.open(frozen_copy) as s:
+        old_packs = [n for (n,) in s._index.query("SELECT name FROM packs")]
+        assert old_packs and all(read_pack_index(s.backend, n) is None for n in old_packs)
+        new_state = frozen_state(200)
+        new_state["extra"] = torch.arange(5000, dtype=torch.float32)
+        s.save(new_state, 300)
+        new_packs = [n for (n,) in s._index.query("SELECT name FROM packs")
+                     if n not in old_packs]
+        assert new_packs and all(read_pack_index(s.backend, n) for n in new_packs)
+        assert s.verify().ok
+    res = reindex(frozen_copy)
+    assert res.steps_recovered == [100, 200, 300] and not res.steps_lost
+    with deltackpt.open(frozen_copy) as s:
+        for step in (100, 200):
+            assert_state_equal(s.load(step), frozen_state(step))
+        assert_state_equal(s.load(300), new_state)
+        assert s.verify().ok
+
+
 def test_frozen_store_manifests_agree_with_the_index(frozen_copy):
     from deltackpt.packs import decode_manifest
 
