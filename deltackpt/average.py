@@ -27,8 +27,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
+from ._torch import torch
 from .dtypes import dtype_info, numpy_dtype, torch_dtype
 from .errors import CorruptionError, InvalidInputError, StepExistsError
 from .export import StepReader, StoredEntry

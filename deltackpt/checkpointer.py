@@ -82,8 +82,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 
+from ._torch import torch
 from .errors import BackgroundSaveError, StepExistsError, StoreClosedError
 from .results import StepInfo
 from .retention import RetentionPolicy, prune, reclaim

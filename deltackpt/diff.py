@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from . import codec as codec_mod
+from ._torch import torch
 from .dtypes import dtype_info, numpy_dtype, torch_dtype
 from .errors import CorruptionError, InvalidInputError
 from .hashing import unpack_ids

@@ -7,10 +7,12 @@ numpy arrays are recorded by ``numpy.dtype.str`` (``"<f4"``), byte order include
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
-import torch
+
+from ._torch import torch
 
 
 @dataclass(frozen=True)
@@ -26,42 +28,60 @@ class DtypeInfo:
 
 
 _TORCH_NAMES = [
-    # name, family
-    ("float64", "float"),
-    ("float32", "float"),
-    ("float16", "float"),
-    ("bfloat16", "float"),
-    ("float8_e4m3fn", "float"),
-    ("float8_e4m3fnuz", "float"),
-    ("float8_e5m2", "float"),
-    ("float8_e5m2fnuz", "float"),
-    ("float8_e8m0fnu", "float"),
-    ("int8", "int"),
-    ("int16", "int"),
-    ("int32", "int"),
-    ("int64", "int"),
-    ("uint8", "int"),
-    ("uint16", "int"),
-    ("uint32", "int"),
-    ("uint64", "int"),
-    ("bool", "bool"),
-    ("complex32", "complex"),
-    ("complex64", "complex"),
-    ("complex128", "complex"),
+    # name, itemsize, family (the layout is the dtype's, whatever torch build reads it)
+    ("float64", 8, "float"),
+    ("float32", 4, "float"),
+    ("float16", 2, "float"),
+    ("bfloat16", 2, "float"),
+    ("float8_e4m3fn", 1, "float"),
+    ("float8_e4m3fnuz", 1, "float"),
+    ("float8_e5m2", 1, "float"),
+    ("float8_e5m2fnuz", 1, "float"),
+    ("float8_e8m0fnu", 1, "float"),
+    ("int8", 1, "int"),
+    ("int16", 2, "int"),
+    ("int32", 4, "int"),
+    ("int64", 8, "int"),
+    ("uint8", 1, "int"),
+    ("uint16", 2, "int"),
+    ("uint32", 4, "int"),
+    ("uint64", 8, "int"),
+    ("bool", 1, "bool"),
+    ("complex32", 4, "complex"),
+    ("complex64", 8, "complex"),
+    ("complex128", 16, "complex"),
 ]
 
-TORCH_DTYPES: dict[str, torch.dtype] = {}
-TORCH_INFO: dict[str, DtypeInfo] = {}
-for _name, _family in _TORCH_NAMES:
-    _dt = getattr(torch, _name, None)
-    if not isinstance(_dt, torch.dtype):  # older torch without this dtype
-        continue
-    _size = _dt.itemsize
-    TORCH_DTYPES[_name] = _dt
-    TORCH_INFO[_name] = DtypeInfo(
-        _name, _size, _size // 2 if _family == "complex" else _size, _family
-    )
-_TORCH_BY_DTYPE: dict[torch.dtype, str] = {v: k for k, v in TORCH_DTYPES.items()}
+#: layout facts by on-disk name, known without importing torch (index-only commands)
+_LAYOUT: dict[str, DtypeInfo] = {
+    name: DtypeInfo(name, size, size // 2 if family == "complex" else size, family)
+    for name, size, family in _TORCH_NAMES
+}
+
+
+@functools.cache
+def _torch_tables() -> tuple[dict[str, torch.dtype], dict[str, DtypeInfo],
+                             dict[torch.dtype, str]]:
+    dtypes: dict[str, torch.dtype] = {}
+    for name, size, _family in _TORCH_NAMES:
+        dt = getattr(torch, name, None)
+        if not isinstance(dt, torch.dtype):  # older torch without this dtype
+            continue
+        assert dt.itemsize == size, name
+        dtypes[name] = dt
+    info = {name: _LAYOUT[name] for name in dtypes}
+    return dtypes, info, {v: k for k, v in dtypes.items()}
+
+
+def __getattr__(name: str) -> object:
+    # TORCH_DTYPES (name -> torch.dtype) and TORCH_INFO (name -> DtypeInfo) of the
+    # installed torch, built on first use
+    if name == "TORCH_DTYPES":
+        return _torch_tables()[0]
+    if name == "TORCH_INFO":
+        return _torch_tables()[1]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 #: numpy kinds with a fixed layout: bool, signed/unsigned int, float, complex
 _NUMPY_KINDS = {"b": "bool", "i": "int", "u": "int", "f": "float", "c": "complex"}
@@ -69,12 +89,12 @@ _NUMPY_KINDS = {"b": "bool", "i": "int", "u": "int", "f": "float", "c": "complex
 
 def torch_dtype_name(dtype: torch.dtype) -> str | None:
     """On-disk name of a torch dtype, or None when it is not storable."""
-    return _TORCH_BY_DTYPE.get(dtype)
+    return _torch_tables()[2].get(dtype)
 
 
 def torch_dtype(name: str) -> torch.dtype:
     """The torch dtype for an on-disk name; KeyError when unknown."""
-    return TORCH_DTYPES[name]
+    return _torch_tables()[0][name]
 
 
 def numpy_dtype_name(dtype: np.dtype) -> str | None:
@@ -104,7 +124,7 @@ def numpy_dtype(name: str) -> np.dtype:
 def dtype_info(kind: str, name: str) -> DtypeInfo:
     """Layout facts for an entry's (kind, dtype name); KeyError when unknown."""
     if kind in ("tensor", "parameter"):
-        return TORCH_INFO[name]
+        return _LAYOUT[name]
     if kind == "ndarray":
         dt = numpy_dtype(name)
         family = _NUMPY_KINDS[dt.kind]

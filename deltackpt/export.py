@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
+from ._torch import torch
 from .dtypes import torch_dtype_name
 from .errors import (
     CorruptionError,

@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 
+from ._torch import torch
 from .dtypes import numpy_dtype, numpy_dtype_name, torch_dtype, torch_dtype_name
 from .errors import UnsupportedValueError
 

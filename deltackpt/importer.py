@@ -23,8 +23,8 @@ import zipfile
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
+from ._torch import torch
 from .dtypes import torch_dtype
 from .errors import InvalidInputError, StepExistsError, UnsupportedValueError
 from .export import SAFETENSORS_DTYPES, SHARD_INDEX_NAME, SINGLE_SHARD_NAME

@@ -45,12 +45,12 @@ import collections
 from typing import Any
 
 import numpy as np
-import torch
 
+from ._torch import torch
 from .errors import UnsupportedValueError
 from .flatten import check_tensor, join_path, unsupported
 
-_IMMUTABLE = (type(None), bool, int, float, str, bytes, torch.Size, torch.dtype, torch.device)
+_PLAIN = (type(None), bool, int, float, str, bytes)
 
 
 class _Buffer:
@@ -122,7 +122,7 @@ class HostSnapshot:
         if depth > 200:
             raise UnsupportedValueError(f"state nested deeper than 200 levels at '{path}'")
         t = type(value)
-        if t in _IMMUTABLE:
+        if t in _PLAIN or t in (torch.Size, torch.dtype, torch.device):
             return value
         if t is list:
             return [self._walk(v, join_path(path, i), depth + 1) for i, v in enumerate(value)]

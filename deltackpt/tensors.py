@@ -11,8 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import torch
 
+from ._torch import torch
 from .dtypes import numpy_dtype, torch_dtype
 from .flatten import Leaf
 

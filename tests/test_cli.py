@@ -286,3 +286,29 @@ def test_real_process(store_dir, tmp_path):
     assert p.returncode == 3 and p.stdout == ""
     assert p.stderr.startswith("deltackpt: error: ") and p.stderr.count("\n") == 1
     assert "step 7" in p.stderr and not os.path.exists(out)
+
+
+_NO_TORCH = """
+import sys
+from deltackpt.cli import main
+try:
+    main(sys.argv[1:], prog_name="deltackpt")
+except SystemExit as exc:
+    code = exc.code
+else:
+    code = 0
+print("torch imported:", "torch" in sys.modules)
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize("argv", [["log"], ["stats", "--json"], ["verify"], ["show"],
+                                  ["diff", "--no-data", "1", "3"], ["gc"]])
+def test_index_only_commands_never_import_torch(store_dir, argv):
+    """torch takes 1-1.5 s to import: commands that read the index or re-hash blocks run
+    without it (deltackpt/_torch.py)."""
+    cmd, *rest = argv
+    proc = subprocess.run([sys.executable, "-c", _NO_TORCH, cmd, store_dir, *rest],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().endswith("torch imported: False"), proc.stdout[-500:]
