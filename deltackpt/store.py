@@ -725,7 +725,10 @@ class Store:
                 pos += loc.raw_len
             if pos != nbytes:
                 raise CorruptionError(f"{label}: blocks hold {pos} bytes, entry has {nbytes}")
-            out = empty_output(kind, dtype, shape)
+            try:
+                out = empty_output(kind, dtype, shape)
+            except UnsupportedValueError as exc:
+                raise UnsupportedValueError(f"{label}: {exc}") from None
             view = output_bytes(out)
             tasks.extend((bid, view[a:b], f"step {step}, entry '{path}'") for bid, a, b in spans)
             outputs[i] = out

@@ -14,6 +14,7 @@ import numpy as np
 
 from ._torch import torch
 from .dtypes import numpy_dtype, torch_dtype
+from .errors import UnsupportedValueError
 from .flatten import Leaf
 
 
@@ -42,7 +43,12 @@ def leaf_bytes(leaf: Leaf) -> np.ndarray:
 def empty_output(kind: str, dtype: str, shape: tuple[int, ...], pin_memory: bool = False) -> Any:
     """An uninitialised CPU value of the entry's type to decode into."""
     if kind in ("tensor", "parameter"):
-        return torch.empty(shape, dtype=torch_dtype(dtype), pin_memory=pin_memory)
+        try:
+            torch_dt = torch_dtype(dtype)
+        except KeyError:
+            raise UnsupportedValueError(f"dtype {dtype} is not available in torch "
+                                        f"{torch.__version__}; a newer torch loads it") from None
+        return torch.empty(shape, dtype=torch_dt, pin_memory=pin_memory)
     if kind == "ndarray":
         return np.empty(shape, dtype=numpy_dtype(dtype))
     if kind == "bytes":

@@ -585,3 +585,23 @@ def _only(od, key):
     out = collections.OrderedDict([(key, od[key])])
     out._metadata = od._metadata
     return out
+
+
+def test_a_dtype_this_torch_lacks_is_a_clear_error_at_load_not_at_verify(tmp_path, monkeypatch):
+    """A store written by a newer torch (say float8_e8m0fnu) read by an older one: verify and
+    the index-only commands need only the dtype's layout; load names the entry and the dtype."""
+    import deltackpt.dtypes
+
+    with deltackpt.open(tmp_path / "s") as s:
+        s.save({"a": torch.ones(8, dtype=torch.bfloat16), "b": torch.arange(4)}, 1)
+    tables = deltackpt.dtypes._torch_tables()
+    older = ({k: v for k, v in tables[0].items() if k != "bfloat16"},
+             {k: v for k, v in tables[1].items() if k != "bfloat16"},
+             {k: v for k, v in tables[2].items() if v != "bfloat16"})
+    monkeypatch.setattr(deltackpt.dtypes, "_torch_tables", lambda: older)
+    with deltackpt.open(tmp_path / "s") as s:
+        assert s.verify().ok
+        assert_state_equal(s.load(1, select="b"), {"b": torch.arange(4)})
+        with pytest.raises(deltackpt.UnsupportedValueError,
+                           match=r"step 1, entry 'a': dtype bfloat16 is not available in torch"):
+            s.load(1)
