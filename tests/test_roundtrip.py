@@ -593,7 +593,9 @@ def test_a_dtype_this_torch_lacks_is_a_clear_error_at_load_not_at_verify(tmp_pat
     import deltackpt.dtypes
 
     with deltackpt.open(tmp_path / "s") as s:
-        s.save({"a": torch.ones(8, dtype=torch.bfloat16), "b": torch.arange(4)}, 1)
+        for step in (1, 2):
+            s.save({"a": torch.full((8,), float(step), dtype=torch.bfloat16),
+                    "b": torch.arange(4), "cfg": {"dt": torch.bfloat16}}, step)
     tables = deltackpt.dtypes._torch_tables()
     older = ({k: v for k, v in tables[0].items() if k != "bfloat16"},
              {k: v for k, v in tables[1].items() if k != "bfloat16"},
@@ -605,3 +607,9 @@ def test_a_dtype_this_torch_lacks_is_a_clear_error_at_load_not_at_verify(tmp_pat
         with pytest.raises(deltackpt.UnsupportedValueError,
                            match=r"step 1, entry 'a': dtype bfloat16 is not available in torch"):
             s.load(1)
+        with pytest.raises(deltackpt.UnsupportedValueError,
+                           match=r"dtype bfloat16 \(a value in the state\) is not available"):
+            s.load(1, select="cfg")
+        with pytest.raises(deltackpt.UnsupportedValueError,
+                           match=r"step 2, entry 'a': dtype bfloat16 is not available"):
+            s.average([1, 2], select="a")
