@@ -30,7 +30,7 @@ import numpy as np
 
 from ._torch import torch
 from .dtypes import dtype_info, numpy_dtype, torch_dtype
-from .errors import CorruptionError, InvalidInputError, StepExistsError, UnsupportedValueError
+from .errors import CorruptionError, InvalidInputError, StepExistsError
 from .export import StepReader, StoredEntry
 from .flatten import unflatten
 from .store import wait_all
@@ -121,11 +121,8 @@ def _average_once(store: Store, steps: list[int], select: str | Sequence[str] | 
     outputs: dict[int, Any] = {}
     tasks: list[tuple[StoredEntry, list[StoredEntry] | None, np.ndarray, int, int]] = []
     for e in reader.entries[last]:
-        try:
-            out = empty_output(e.kind, e.dtype, e.shape)
-        except UnsupportedValueError as exc:
-            raise UnsupportedValueError(f"{store.location}: step {last}, entry '{e.path}': "
-                                        f"{exc}") from None
+        out = empty_output(e.kind, e.dtype, e.shape,
+                           where=f"{store.location}: step {last}, entry '{e.path}'")
         view = output_bytes(out)
         outputs[e.idx] = out
         if not _averaged(e):

@@ -246,6 +246,11 @@ def encode(raw: np.ndarray, bid: bytes, width: int, config: CodecConfig,
     return [head + _CRC.pack(zlib.crc32(head)), *(buf for _, buf in encoded)]
 
 
+def header_length(head: bytes | memoryview) -> int:
+    """Length of the frame header (with stream table and CRC) at the start of ``head``."""
+    return HEADER_SIZE + head[8] * _STREAM.size + _CRC.size  # byte 8: the stream count
+
+
 def frame_length(parts: list[bytes | memoryview]) -> int:
     return sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
 

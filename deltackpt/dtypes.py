@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._torch import torch
+from .errors import UnsupportedValueError
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,16 @@ def torch_dtype_name(dtype: torch.dtype) -> str | None:
 def torch_dtype(name: str) -> torch.dtype:
     """The torch dtype for an on-disk name; KeyError when unknown."""
     return _torch_tables()[0][name]
+
+
+def loadable_torch_dtype(name: str, what: str = "") -> torch.dtype:
+    """:func:`torch_dtype`, or :class:`UnsupportedValueError` saying that the installed
+    torch lacks it (a store written with a newer torch); ``what`` describes the value."""
+    try:
+        return torch_dtype(name)
+    except KeyError:
+        raise UnsupportedValueError(f"dtype {name}{what} is not available in torch "
+                                    f"{torch.__version__}; a newer torch loads it") from None
 
 
 def numpy_dtype_name(dtype: np.dtype) -> str | None:

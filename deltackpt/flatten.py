@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from ._torch import torch
-from .dtypes import numpy_dtype, numpy_dtype_name, torch_dtype, torch_dtype_name
+from .dtypes import loadable_torch_dtype, numpy_dtype, numpy_dtype_name, torch_dtype_name
 from .errors import UnsupportedValueError
 
 TREE_VERSION = 1
@@ -288,12 +288,7 @@ def _build(node: Any, entries: dict[int, Any], depth: int) -> Any:
     if tag == "S":
         return torch.Size(int(s) for s in node[1])
     if tag == "dt":
-        try:
-            return torch_dtype(node[1])
-        except KeyError:
-            raise UnsupportedValueError(f"dtype {node[1]} (a value in the state) is not "
-                                        f"available in torch {torch.__version__}; a newer "
-                                        "torch loads it") from None
+        return loadable_torch_dtype(node[1], " (a value in the state)")
     if tag == "dev":
         return torch.device(node[1])
     raise _bad_tree(f"unknown tag {tag!r}")

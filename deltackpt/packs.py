@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import zstandard
 
 from .backend import Backend, ObjectWriter
-from .codec import HEADER_SIZE, FrameInfo, parse_header
+from .codec import HEADER_SIZE, FrameInfo, header_length, parse_header
 from .errors import CorruptionError, FormatVersionError
 
 PACK_MAGIC = b"DKPACK\x00\x01"
@@ -127,11 +127,6 @@ class PackWriter:
             except OSError:
                 break
         self.finished = []
-
-
-def header_length(head: bytes | memoryview) -> int:
-    """Length of the frame header (with stream table and CRC) at the start of ``head``."""
-    return HEADER_SIZE + head[8] * 5 + 4  # byte 8 of the header is the stream count
 
 
 def read_pack_index(backend: Backend, pack: str,

@@ -725,10 +725,7 @@ class Store:
                 pos += loc.raw_len
             if pos != nbytes:
                 raise CorruptionError(f"{label}: blocks hold {pos} bytes, entry has {nbytes}")
-            try:
-                out = empty_output(kind, dtype, shape)
-            except UnsupportedValueError as exc:
-                raise UnsupportedValueError(f"{label}: {exc}") from None
+            out = empty_output(kind, dtype, shape, where=label)
             view = output_bytes(out)
             tasks.extend((bid, view[a:b], f"step {step}, entry '{path}'") for bid, a, b in spans)
             outputs[i] = out
@@ -1216,8 +1213,6 @@ class Store:
         checked before the manifest and the one transaction that make the step
         visible, so a lying or crashed writer yields an error, never a bad step.
         """
-        from .packs import MAX_FRAME_HEADER, PACK_MAGIC
-
         self._check_open()
         t0 = time.perf_counter()
         step, metrics_json, tags_list = self._step_record_args(step, metrics, tags, note)
@@ -1591,6 +1586,7 @@ class _Decoder:
             if base_id in self._cache or self._refs.get(base_id, 0) > 1:
                 return False
         n, width = info.raw_len, info.width
+        m = n // width
         label = f"{self.store.location}: {where}, block {bid.hex()[:12]}"
         acc = np.empty(n, dtype=np.uint8)
         codec_mod.xor_streams_into(frame, info, acc, label, assign=True)
@@ -1618,19 +1614,13 @@ class _Decoder:
                 if base.nbytes != n:
                     raise CorruptionError(f"{label}: delta base {terminal.hex()[:12]} holds "
                                           f"{base.nbytes} bytes, the block {n}")
-                m = n // width
-                if width == 2:  # group_into's fast path, then one contiguous XOR
-                    grouped_base = np.empty(n, dtype=np.uint8)
-                    codec_mod.group_into(grouped_base.reshape(width, m), base, width)
-                    np.bitwise_xor(acc, grouped_base, out=acc)
-                else:
-                    grouped = base.reshape(-1, width)
-                    for k in range(width):
-                        part = acc[k * m:(k + 1) * m]
-                        np.bitwise_xor(part, grouped[:, k], out=part)
+                # grouped, then one contiguous XOR: faster than XOR-ing strided lanes
+                # (1 MiB: 0.48 vs 0.56 ms at width 4, 0.49 vs 0.59 ms at width 8)
+                grouped_base = np.empty(n, dtype=np.uint8)
+                codec_mod.group_into(grouped_base.reshape(width, m), base, width)
+                np.bitwise_xor(acc, grouped_base, out=acc)
             finally:
                 self._release(terminal)
-        m = n // width
         codec_mod.ungroup_into(out, [acc[k * m:(k + 1) * m] for k in range(width)], width)
         if block_id(out, self.store.config.hash) != bid:
             raise CorruptionError(f"{label}: decoded bytes do not match its block id")

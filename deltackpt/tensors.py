@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from ._torch import torch
-from .dtypes import numpy_dtype, torch_dtype
+from .dtypes import loadable_torch_dtype, numpy_dtype
 from .errors import UnsupportedValueError
 from .flatten import Leaf
 
@@ -40,14 +40,15 @@ def leaf_bytes(leaf: Leaf) -> np.ndarray:
     return t.reshape(-1).view(torch.uint8).numpy()
 
 
-def empty_output(kind: str, dtype: str, shape: tuple[int, ...], pin_memory: bool = False) -> Any:
-    """An uninitialised CPU value of the entry's type to decode into."""
+def empty_output(kind: str, dtype: str, shape: tuple[int, ...], pin_memory: bool = False,
+                 where: str = "") -> Any:
+    """An uninitialised CPU value of the entry's type to decode into; ``where`` (the
+    entry) prefixes the error for a dtype the installed torch lacks."""
     if kind in ("tensor", "parameter"):
         try:
-            torch_dt = torch_dtype(dtype)
-        except KeyError:
-            raise UnsupportedValueError(f"dtype {dtype} is not available in torch "
-                                        f"{torch.__version__}; a newer torch loads it") from None
+            torch_dt = loadable_torch_dtype(dtype)
+        except UnsupportedValueError as exc:
+            raise UnsupportedValueError(f"{where}: {exc}" if where else str(exc)) from None
         return torch.empty(shape, dtype=torch_dt, pin_memory=pin_memory)
     if kind == "ndarray":
         return np.empty(shape, dtype=numpy_dtype(dtype))
