@@ -168,6 +168,10 @@ def main() -> None:
     ap.add_argument("--peers", action="store_true",
                     help="also measure zipnn, zipnn's delta mode and zstd-3 on the same blocks")
     ap.add_argument("--workdir", default=None, help="scratch dir (same disk as the stores)")
+    ap.add_argument("--load-all", action="store_true",
+                    help="time the restore of every step (mean and slowest), not only the "
+                         "latest, one older and the deepest; torch.load is re-timed between "
+                         "stores and the median of all its timings is the reference")
     args = ap.parse_args()
     torch.set_num_threads(1)
     files = [(s, f) for s, f in trace_files(args.trace, args.every, args.max_steps)
@@ -211,6 +215,7 @@ def main() -> None:
         rng = random.Random(0)
         old = rng.choice([s for s, _ in files[1:-1]]) if len(files) > 2 else files[0][0]
         t_tl = timed_torch_load(last_pt, args.repeat)
+        tl_times = [t_tl]
         results = {}
         for c in configs:
             incr = rows[c][1:] if len(rows[c]) > 1 else rows[c]
@@ -222,8 +227,15 @@ def main() -> None:
                     cats[k] = cats.get(k, 0) + v / r["torch_bytes"] / len(incr)
             t_latest = timed_load(stores[c], latest, args.repeat)
             t_old = timed_load(stores[c], old, args.repeat)
-            worst = deepest_step(stores[c], [s for s, _ in files[:-1]] or [latest])
-            t_worst = timed_load(stores[c], worst, args.repeat)
+            every: dict[int, float] = {}
+            if args.load_all:
+                tl_times.append(timed_torch_load(last_pt, args.repeat))
+                every = {s: timed_load(stores[c], s, args.repeat) for s, _ in files}
+                worst = max(every, key=every.__getitem__)
+                t_worst = every[worst]
+            else:
+                worst = deepest_step(stores[c], [s for s, _ in files[:-1]] or [latest])
+                t_worst = timed_load(stores[c], worst, args.repeat)
             total = stores[c].stored_bytes()
             full = sum(r["bytes"] for r in torch_rows)
             results[c] = {
@@ -237,7 +249,18 @@ def main() -> None:
                 "load_worst_ratio": t_worst / t_tl,
                 "worst_step": worst,
                 "total_fraction": total / full,
+                "save_ratio_max": max(tsave),
+                "load_seconds_every_step": every,
             }
+        if args.load_all:
+            # one reference for every store: torch.load drifts with the machine's state
+            t_tl = statistics.median(tl_times)
+            for c, r in results.items():
+                every = r["load_seconds_every_step"]
+                r["load_latest_ratio"] = every[latest] / t_tl
+                r["load_old_ratio"] = every[old] / t_tl
+                r["load_worst_ratio"] = every[r["worst_step"]] / t_tl
+                r["load_mean_ratio"] = statistics.mean(every.values()) / t_tl
         print(f"\ntrace {args.trace}, every {args.every}, steps {files[0][0]}..{latest}, "
               f"torch.save {torch_rows[-1]['bytes'] / 1e6:.1f} MB, torch.load {t_tl:.3f}s")
         print("| config | bytes/incr. ckpt (× torch.save) | weights | exp_avg | exp_avg_sq | "
@@ -251,6 +274,12 @@ def main() -> None:
                   f"{r['total_fraction']:.3f} | {r['save_ratio_median']:.2f} | "
                   f"{r['load_latest_ratio']:.2f} | {r['load_old_ratio']:.2f} | "
                   f"{r['load_worst_ratio']:.2f} ({r['worst_step']}) |")
+        if args.load_all:
+            print("\n| config | save max × | load mean × (every step) | load max × (step) |")
+            print("|---|---|---|---|")
+            for c, r in results.items():
+                print(f"| {c} | {r['save_ratio_max']:.2f} | {r['load_mean_ratio']:.2f} | "
+                      f"{r['load_worst_ratio']:.2f} ({r['worst_step']}) |")
         peers = {}
         if peer_rows:
             by_step = {r["step"]: r["bytes"] for r in torch_rows}

@@ -315,7 +315,8 @@ class StorageWriter(dcp_storage.StorageWriter):
                     raise UnsupportedValueError(f"'{item.index.fqn}': entry name '{key}' is "
                                                 "taken; rename the state_dict key")
         info = {"step": step, "parent": self._parent, "codec": store.config.codec.to_json(),
-                "delta": store.config.delta.to_json()}
+                "delta": store.config.delta.to_json(),
+                "generation": store._delta_generation()}
         return [dataclasses.replace(p, storage_data=dict(info, rank=i))
                 for i, p in enumerate(plans)]
 
@@ -348,7 +349,8 @@ class StorageWriter(dcp_storage.StorageWriter):
             store._hash_all(plans)
             writer = PackWriter(store.backend, store._pack_size)
             try:
-                new_blocks, _ = store._write_new_blocks(plans, self.step, info["parent"], writer)
+                new_blocks, _ = store._write_new_blocks(plans, self.step, info["parent"], writer,
+                                                        int(info.get("generation", 0)))
                 packs = writer.finish()
                 store.backend.sync()
             except BaseException:

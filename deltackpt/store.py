@@ -370,12 +370,14 @@ class Store:
                 raise StepExistsError(f"{self.location}: step {step} already exists; "
                                       "delete it first or save under another step")
             parent = self._parent_of(step)
+            generation = self._delta_generation()
             plans = self._plan_entries(leaves)
             self._hash_all(plans)
             crash_point("save:after-hash")
             writer = PackWriter(self.backend, self._pack_size)
             try:
-                new_blocks, written = self._write_new_blocks(plans, step, parent, writer)
+                new_blocks, written = self._write_new_blocks(plans, step, parent, writer,
+                                                             generation)
                 packs = writer.finish()
                 self.backend.sync()
             except BaseException:
@@ -425,11 +427,16 @@ class Store:
                       p.spans[0][1] if p.spans else 0, b"".join(p.ids)) for p in plans],
                 )
                 summaries.record(conn, [step])
+                summaries.bump_delta_generation(conn)
                 crash_point("save:before-commit")
             crash_point("save:after-commit")
             self._refresh_after_commit(plans, new_blocks, step)
             return SaveResult(step, logical, written, len(new_blocks), total,
                               time.perf_counter() - t0)
+
+    def _delta_generation(self) -> int:
+        """How many steps this index has committed: the clock of staggered keyframes."""
+        return summaries.delta_generation(self._index)
 
     def _parent_of(self, step: int) -> int | None:
         """The committed step whose blocks serve as delta bases for ``step``."""
@@ -552,27 +559,31 @@ class Store:
         return found
 
     def _write_new_blocks(self, plans: list[_EntryPlan], step: int, parent: int | None,
-                          writer: PackWriter) -> tuple[dict[bytes, tuple], int]:
+                          writer: PackWriter, generation: int = 0,
+                          ) -> tuple[dict[bytes, tuple], int]:
         all_ids = {bid for p in plans for bid in p.ids}
         known = self._known_blocks(all_ids)
         bases = self._delta_bases(plans, parent) if self.config.delta.enabled else {}
-        todo: list[tuple[bytes, np.ndarray, int, bytes | None, int]] = []
+        delta = self.config.delta
+        todo: list[tuple[bytes, np.ndarray, int, bytes | None, int, tuple[str, int], bool]] = []
         seen = set(known)
         for p in plans:
-            for (a, b), bid in zip(p.spans, p.ids):
+            for k, ((a, b), bid) in enumerate(zip(p.spans, p.ids)):
                 if bid in seen:
                     continue
                 seen.add(bid)
-                todo.append((bid, p.data[a:b], p.width, bases.get((p.leaf.index, a)),
-                             self.config.delta.mode_for(p.leaf.path), (p.leaf.path, a)))
+                parent_id = bases.get((p.leaf.index, a))
+                slot = parent_id is not None and delta.keyframe_slot(generation, p.leaf.path, k)
+                todo.append((bid, p.data[a:b], p.width, parent_id, delta.mode_for(p.leaf.path),
+                             (p.leaf.path, a), slot))
         base_source = _BaseSource(self, [t[3] for t in todo if t[3] is not None])
         cfg = self.config
         hints = self._delta_hints
 
-        def encode(job: tuple[bytes, np.ndarray, int, bytes | None, int, tuple[str, int]]):
-            bid, raw, width, base_id, mode, position = job
+        def encode(job: tuple[bytes, np.ndarray, int, bytes | None, int, tuple[str, int], bool]):
+            bid, raw, width, base_id, mode, position, slot = job
             return _encode_block(bid, raw, width, cfg, base_id, base_source, mode,
-                                 hints, position)
+                                 hints, position, slot)
 
         new_blocks: dict[bytes, tuple] = {}
         written = 0
@@ -1306,6 +1317,7 @@ class Store:
                     "INSERT INTO entries(step, idx, path, kind, dtype, shape, nbytes, "
                     "block_size, blocks) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
                 summaries.record(conn, [step])
+                summaries.bump_delta_generation(conn)
             return SaveResult(step, logical, written, len(blocks), total,
                               time.perf_counter() - t0)
 
@@ -1436,13 +1448,15 @@ def _run_sliced(pool: ThreadPoolExecutor | None, items: list, fn: Callable[[list
 def _encode_block(bid: bytes, raw: np.ndarray, width: int, cfg: StoreConfig,
                   parent_id: bytes | None, bases: _BaseSource, mode: int,
                   hints: dict[tuple[str, int], float] | None = None,
-                  position: tuple[str, int] | None = None):
-    """Encode one new block: as a delta when there is a base and that is smaller."""
+                  position: tuple[str, int] | None = None, slot: bool = False):
+    """Encode one new block: as a delta when there is a base and that is smaller.
+
+    ``slot``: this save is the position's staggered keyframe slot (delta.py)."""
     plan = None
     if parent_id is not None:
         parent = bases.location(parent_id)
         if parent is not None:
-            plan = cfg.delta.plan(parent_id, parent.depth, bases.root)
+            plan = cfg.delta.plan(parent_id, parent.depth, bases.root, slot)
     hint = hints.get(position) if hints is not None and position is not None else None
     if plan is not None and hint is not None and hint < 0:
         # recent deltas at this position did not pay: standalone, one save fewer to skip

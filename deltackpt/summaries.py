@@ -29,6 +29,7 @@ import json
 import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -143,6 +144,27 @@ def insert_blocks(conn: sqlite3.Connection, rows: Sequence[tuple], ignore: bool 
         f"{verb} INTO blocks(id, pack_id, offset, length, raw_len, codec, base, depth, "
         "first_step, seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [(*row, start + i) for i, row in enumerate(rows)])
+
+
+#: ``meta`` key counting the steps this index has committed (never decremented): the clock
+#: of staggered keyframes (delta.py). Writer-side only, like ``blocks.depth``: a rebuilt
+#: index restarts it at 0, which shifts every position's slot alike.
+GENERATION_KEY = "delta_generation"
+
+
+def delta_generation(index: Any) -> int:
+    """The commit counter of ``index`` (an :class:`~deltackpt.index.Index`); 0 when unset."""
+    rows = index.query("SELECT value FROM meta WHERE key = ?", (GENERATION_KEY,))
+    try:
+        return max(0, int(rows[0][0])) if rows else 0
+    except (TypeError, ValueError):
+        return 0  # a damaged counter only moves keyframe slots
+
+
+def bump_delta_generation(conn: sqlite3.Connection) -> None:
+    """Count one more committed step; call inside the commit's write transaction."""
+    conn.execute("INSERT INTO meta(key, value) VALUES (?, '1') ON CONFLICT(key) DO UPDATE "
+                 "SET value = CAST(value AS INTEGER) + 1", (GENERATION_KEY,))
 
 
 def migrate_v1(conn: sqlite3.Connection) -> None:

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.api import CheckpointException
 
 import deltackpt
+from deltackpt import summaries
 from deltackpt.cli import main as cli_main
 from deltackpt.dcp import META_KEY, StorageReader, StorageWriter, chunk_key, load_full
 from deltackpt.errors import CorruptionError, InvalidStoreError, StepExistsError
@@ -80,6 +81,8 @@ def test_roundtrip_bit_exact_and_incremental(store_path):
         new = [r for r in block_rows(s) if r["first_step"] == 20]
         assert len(new) == 1 and new[0]["base"] == ids10["model.w"][changed[0]]  # a delta
         assert not s.verify().problems
+        # a DCP commit counts as a save for the staggered-keyframe clock
+        assert summaries.delta_generation(s._index) == 2
 
 
 def test_load_full_and_plain_store_load(store_path):

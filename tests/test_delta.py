@@ -7,14 +7,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import assert_state_equal
+from helpers import assert_state_equal, entry_block_ids
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import deltackpt
 
 SPECS = ["auto", "xor:chain:3", "sub:chain:8", "xor:keyframe:2", "sub:keyframe:8",
-         "auto:chain:64"]
+         "auto:chain:64", "auto:chain:4:aligned", "xor:keyframe:3:aligned"]
 DTYPES = {"float32": (np.uint32, torch.float32), "bfloat16": (np.uint16, torch.bfloat16),
           "float16": (np.uint16, torch.float16), "float64": (np.uint64, torch.float64)}
 # bit patterns worth planting: nan with payload, -nan, +-inf, denormals, -0.0, max
@@ -114,7 +114,8 @@ def test_deleting_a_keyframe_step_keeps_newer_deltas_alive(spec):
 def _chain_store(path, steps: int = 6, fraction: float = 0.3) -> list[dict]:
     t = _bits_tensor(3, 20000, "float32")
     states = []
-    with deltackpt.open(path, delta="xor:chain:8", block_size=16384) as store:
+    # aligned: every block of "w" sits at depth i at step i (staggered slots would cut some)
+    with deltackpt.open(path, delta="xor:chain:8:aligned", block_size=16384) as store:
         for i in range(steps):
             states.append({"w": t, "h": _bits_tensor(50 + i, 3000, "bfloat16")})
             store.save(states[-1], step=i)
@@ -192,18 +193,91 @@ def test_a_damaged_frame_inside_a_folded_chain_is_named(tmp_path):
 def test_default_policy_and_spec_defaults(tmp_path):
     from deltackpt.delta import DeltaConfig
 
-    assert DeltaConfig() == DeltaConfig("auto", "chain", 4)
+    assert DeltaConfig() == DeltaConfig("auto", "chain", 4, "staggered")
     assert DeltaConfig.parse("xor") == DeltaConfig("xor", "chain", 4)
     assert DeltaConfig.parse("auto:keyframe") == DeltaConfig("auto", "keyframe", 8)
     assert DeltaConfig.parse("sub:chain:8") == DeltaConfig("sub", "chain", 8)
+    assert DeltaConfig.parse("xor:chain:6:aligned") == DeltaConfig("xor", "chain", 6, "aligned")
+    assert DeltaConfig.parse("xor:keyframe::aligned") == DeltaConfig("xor", "keyframe", 8,
+                                                                     "aligned")
+    for bad in ("xor:chain:4:sideways", "xor:chain:4:aligned:x"):
+        with pytest.raises(ValueError):
+            DeltaConfig.parse(bad)
     # a field missing from deltackpt.json keeps format 1's meaning, not the writer's default
-    assert DeltaConfig.from_json({}) == DeltaConfig("auto", "keyframe", 8)
+    assert DeltaConfig.from_json({}) == DeltaConfig("auto", "keyframe", 8, "aligned")
+    assert DeltaConfig.from_json({"policy": "chain", "max_depth": 4}).keyframes == "aligned"
     with deltackpt.open(tmp_path / "s") as store:
         assert store.config.delta == DeltaConfig("auto", "chain", 4)
     import json
 
     with open(tmp_path / "s" / "deltackpt.json") as f:
-        assert json.load(f)["delta"] == {"mode": "auto", "policy": "chain", "max_depth": 4}
+        assert json.load(f)["delta"] == {"mode": "auto", "policy": "chain", "max_depth": 4,
+                                         "keyframes": "staggered"}
+    with deltackpt.open(tmp_path / "s") as store:  # reopened: read back from the file
+        assert store.config.delta == DeltaConfig("auto", "chain", 4, "staggered")
+
+
+def _keyframes_per_save(store, steps) -> list[int]:
+    rows = store._index.query("SELECT first_step, COUNT(*) FROM blocks WHERE base IS NULL "
+                              "GROUP BY first_step")
+    count = dict(rows)
+    return [count.get(s, 0) for s in steps]
+
+
+def test_staggered_keyframes_spread_the_refresh_over_saves(tmp_path):
+    """Staggered keyframes: no save after the first rewrites every block standalone, a
+    step's blocks sit at different depths, chains stay within max_depth and every step
+    loads bit-exact; the aligned schedule (the contrast) refreshes every block at once and
+    writes at most one keyframe per position fewer over the run."""
+    from deltackpt import summaries
+
+    blocks = 40
+    first = _bits_tensor(7, blocks * 1024, "float32")  # 40 blocks of 4 KiB
+    per_save: dict[str, list[int]] = {}
+    for schedule in ("staggered", "aligned"):
+        states, t = [], first
+        with deltackpt.open(tmp_path / schedule, delta=f"xor:chain:4:{schedule}",
+                            block_size=4096) as store:
+            for i in range(12):
+                states.append({"w": t})
+                store.save(states[-1], step=i)
+                t = _perturb(t, 300 + i, 1.0)
+            assert summaries.delta_generation(store._index) == 12
+            per_save[schedule] = _keyframes_per_save(store, range(1, 12))
+            depths = [r[0] for r in store._index.query("SELECT depth FROM blocks")]
+            assert max(depths) <= 4
+            ids = entry_block_ids(store, 11)["w"]
+            with store._index.read() as conn:
+                where = store._locate(conn, ids)
+            latest = sorted(where[bid].depth for bid in ids)
+            for i, state in enumerate(states):
+                assert_state_equal(store.load(i), state)
+            assert store.verify().ok
+        if schedule == "staggered":
+            assert len(set(latest)) >= 4, latest
+    assert max(per_save["aligned"]) == blocks  # every block refreshed at once: saves 5, 10
+    assert max(per_save["staggered"]) <= blocks // 2, per_save
+    assert sum(per_save["staggered"]) <= sum(per_save["aligned"]) + blocks
+
+
+def test_the_keyframe_slots_of_a_position_recur_every_max_depth_plus_one_saves():
+    from deltackpt.delta import DeltaConfig
+
+    cfg = DeltaConfig("xor", "chain", 4)
+    for path in ("w", "model/layer.0/exp_avg_sq", "é/ü"):
+        for k in range(12):
+            slots = [g for g in range(50) if cfg.keyframe_slot(g, path, k)]
+            assert len(slots) == 10 and {b - a for a, b in zip(slots, slots[1:])} == {5}
+    # neighbouring blocks of a tensor refresh at different saves
+    assert len({next(g for g in range(5) if cfg.keyframe_slot(g, "w", k)) for k in range(5)}) == 5
+    aligned = DeltaConfig("xor", "chain", 4, "aligned")
+    assert not any(aligned.keyframe_slot(g, "w", k) for g in range(10) for k in range(10))
+    # a slot cuts a chain that holds a delta, never a keyframe's first delta, and the
+    # depth cap holds with or without a slot
+    assert cfg.plan(b"p", 0, lambda b: b, slot=True) == (b"p", 1)
+    assert cfg.plan(b"p", 1, lambda b: b, slot=True) is None
+    assert cfg.plan(b"p", 1, lambda b: b, slot=False) == (b"p", 2)
+    assert cfg.plan(b"p", 4, lambda b: b, slot=False) is None
 
 
 def test_positions_where_deltas_do_not_pay_skip_the_delta_attempt(tmp_path, monkeypatch):
