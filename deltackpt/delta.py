@@ -27,8 +27,8 @@ as many keyframes as before.
 
 The default, ``auto:chain:4``, was chosen by measurement (docs/benchmarks.md, "Delta
 encoding"): on the MiniLM traces it stores 3–15 % less than ``auto:keyframe:8``, and a
-chain of XOR frames decodes in the grouped domain (one un-grouping per block, not per hop),
-so restoring the deepest step costs ~3× torch.load. A writer that deletes old steps should
+chain of XOR frames decodes in the grouped domain (one un-grouping per block, not per hop);
+with staggered keyframes every step restores in about 3× torch.load's time, the slowest in ~4×. A writer that deletes old steps should
 prefer ``keyframe``: a kept chain keeps its deleted predecessors' blocks alive.
 """
 
