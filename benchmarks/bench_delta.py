@@ -225,15 +225,15 @@ def main() -> None:
             for r in incr:
                 for k, v in r["by_category"].items():
                     cats[k] = cats.get(k, 0) + v / r["torch_bytes"] / len(incr)
-            t_latest = timed_load(stores[c], latest, args.repeat)
-            t_old = timed_load(stores[c], old, args.repeat)
             every: dict[int, float] = {}
             if args.load_all:
                 tl_times.append(timed_torch_load(last_pt, args.repeat))
                 every = {s: timed_load(stores[c], s, args.repeat) for s, _ in files}
                 worst = max(every, key=every.__getitem__)
-                t_worst = every[worst]
+                t_latest, t_old, t_worst = every[latest], every[old], every[worst]
             else:
+                t_latest = timed_load(stores[c], latest, args.repeat)
+                t_old = timed_load(stores[c], old, args.repeat)
                 worst = deepest_step(stores[c], [s for s, _ in files[:-1]] or [latest])
                 t_worst = timed_load(stores[c], worst, args.repeat)
             total = stores[c].stored_bytes()

@@ -54,6 +54,7 @@ from torch.distributed.checkpoint.planner import (
 )
 from torch.futures import Future
 
+from . import summaries
 from .codec import CodecConfig
 from .delta import DeltaConfig
 from .dtypes import torch_dtype_name
@@ -249,6 +250,7 @@ class StorageWriter(dcp_storage.StorageWriter):
         self._is_coordinator = False
         self._rank = 0
         self._parent: int | None = None
+        self._generation: int | None = None
         self._save_id = uuid.uuid4().hex
         self.last_result: SaveResult | None = None
 
@@ -314,9 +316,9 @@ class StorageWriter(dcp_storage.StorageWriter):
                 if key == META_KEY or seen.setdefault(key, item.index.fqn) != item.index.fqn:
                     raise UnsupportedValueError(f"'{item.index.fqn}': entry name '{key}' is "
                                                 "taken; rename the state_dict key")
+        self._generation = store._delta_generation()
         info = {"step": step, "parent": self._parent, "codec": store.config.codec.to_json(),
-                "delta": store.config.delta.to_json(),
-                "generation": store._delta_generation()}
+                "delta": store.config.delta.to_json(), "generation": self._generation}
         return [dataclasses.replace(p, storage_data=dict(info, rank=i))
                 for i, p in enumerate(plans)]
 
@@ -349,8 +351,9 @@ class StorageWriter(dcp_storage.StorageWriter):
             store._hash_all(plans)
             writer = PackWriter(store.backend, store._pack_size)
             try:
+                generation = summaries.parse_generation(info.get("generation")) or 0
                 new_blocks, _ = store._write_new_blocks(plans, self.step, info["parent"], writer,
-                                                        int(info.get("generation", 0)))
+                                                        generation)
                 packs = writer.finish()
                 store.backend.sync()
             except BaseException:
@@ -429,7 +432,7 @@ class StorageWriter(dcp_storage.StorageWriter):
                 + [[k, ["E", i, {}]] for i, k in enumerate(keys.values())]]
         self.last_result = store.commit_external(
             self.step, tree, entries, blocks, sorted(packs.items()), self._parent,
-            metrics=self.metrics, tags=self.tags, note=self.note)
+            metrics=self.metrics, tags=self.tags, note=self.note, generation=self._generation)
         metadata.storage_data = {MetadataIndex(f, o): k for (f, o), k in keys.items()}
 
     # -- helpers --------------------------------------------------------------------

@@ -18,7 +18,8 @@ a delta frame is kept only when it is smaller than the standalone frame.
 
 Keyframes are staggered over positions ("intra refresh" in video coding): every
 position has a slot, one save in ``max_depth + 1`` shifted by a hash of its path and
-block index, and a chain that holds a delta already is cut at that slot. Without it every
+block index, and a chain that grew at every save since its keyframe is cut at that slot (a
+position that changes now and then takes its phase from its changes). Without it every
 position of a store starts its chain at the first save and they stay in phase, so a
 step restores in 1 to ``max_depth + 1`` frames per block depending on where its save
 falls, and every ``max_depth + 1``-th save writes all keyframes at once. Staggered, each
@@ -28,8 +29,9 @@ as many keyframes as before.
 The default, ``auto:chain:4``, was chosen by measurement (docs/benchmarks.md, "Delta
 encoding"): on the MiniLM traces it stores 3–15 % less than ``auto:keyframe:8``, and a
 chain of XOR frames decodes in the grouped domain (one un-grouping per block, not per hop);
-with staggered keyframes every step restores in about 3× torch.load's time, the slowest in ~4×. A writer that deletes old steps should
-prefer ``keyframe``: a kept chain keeps its deleted predecessors' blocks alive.
+with staggered keyframes every step restores in about 3× torch.load's time, the slowest in
+~4×. A writer that deletes old steps should prefer ``keyframe``: a kept chain keeps its
+deleted predecessors' blocks alive.
 """
 
 from __future__ import annotations
@@ -107,11 +109,10 @@ class DeltaConfig:
              root_of: Callable[[bytes], bytes], slot: bool = False) -> tuple[bytes, int] | None:
         """(base id, depth of the new block), or None to write a keyframe.
 
-        ``slot``: this save is the position's keyframe slot (:meth:`keyframe_slot`); a
-        chain that holds a delta is cut there (one whose keyframe is the parent itself
-        is left to run: a keyframe now would follow a keyframe)."""
+        ``slot``: this save is the position's keyframe slot (:meth:`keyframe_slot`) and
+        the chain is cut there."""
         depth = parent_depth + 1
-        if not self.enabled or depth > self.max_depth or (slot and depth > 1):
+        if not self.enabled or depth > self.max_depth or slot:
             return None
         if self.policy == "chain":
             return parent_id, depth
@@ -125,8 +126,11 @@ class DeltaConfig:
     def from_json(cls, data: dict) -> DeltaConfig:
         # the defaults of format 1 for a field missing from deltackpt.json (format.md §5),
         # not the writer's current defaults
+        keyframes = data.get("keyframes", "aligned")
+        if keyframes not in KEYFRAME_SCHEDULES:
+            keyframes = "aligned"  # writer-side only: an unknown schedule must not stop a reader
         return cls(str(data.get("mode", "auto")), str(data.get("policy", "keyframe")),
-                   int(data.get("max_depth", 8)), str(data.get("keyframes", "aligned")))
+                   int(data.get("max_depth", 8)), keyframes)
 
     @classmethod
     def parse(cls, spec: str | DeltaConfig | None) -> DeltaConfig:
@@ -139,11 +143,10 @@ class DeltaConfig:
         if spec is None:
             return cls()
         parts = str(spec).split(":")
-        mode = parts[0] or "auto"
-        policy = parts[1] if len(parts) > 1 else cls.policy
-        depth = int(parts[2]) if len(parts) > 2 and parts[2] else \
-            _DEFAULT_DEPTH.get(policy, cls.max_depth)
         if len(parts) > 4:
             raise ValueError(f"malformed delta spec {spec!r}: MODE[:POLICY[:DEPTH[:KEYFRAMES]]]")
-        keyframes = parts[3] if len(parts) > 3 else cls.keyframes
-        return cls(mode, policy, depth, keyframes)
+        parts += [""] * (4 - len(parts))  # an empty or missing part takes its default
+        mode = parts[0] or "auto"
+        policy = parts[1] or cls.policy
+        depth = int(parts[2]) if parts[2] else _DEFAULT_DEPTH.get(policy, cls.max_depth)
+        return cls(mode, policy, depth, parts[3] or cls.keyframes)

@@ -394,6 +394,7 @@ class Store:
                 "tags": tags_list,
                 "note": note,
                 "parent": parent,
+                "generation": generation,
                 "tree": tree,
                 "entries": [_entry_manifest(p) for p in plans],
             }
@@ -427,7 +428,7 @@ class Store:
                       p.spans[0][1] if p.spans else 0, b"".join(p.ids)) for p in plans],
                 )
                 summaries.record(conn, [step])
-                summaries.bump_delta_generation(conn)
+                summaries.advance_delta_generation(conn, generation)
                 crash_point("save:before-commit")
             crash_point("save:after-commit")
             self._refresh_after_commit(plans, new_blocks, step)
@@ -435,8 +436,46 @@ class Store:
                               time.perf_counter() - t0)
 
     def _delta_generation(self) -> int:
-        """How many steps this index has committed: the clock of staggered keyframes."""
+        """The generation the next save takes: the clock of staggered keyframes."""
         return summaries.delta_generation(self._index)
+
+    def _manifest_generation(self, manifest: str) -> int | None:
+        """The generation ``manifest`` records, or None (absent, unreadable)."""
+        try:
+            payload = decode_manifest(_read_current(self.backend, manifest), manifest)
+        except (OSError, FormatVersionError, InvalidStoreError, CorruptionError):
+            return None
+        return summaries.parse_generation(payload.get("generation"))
+
+    def _ancestors(self, step: int, count: int) -> list[int]:
+        """``step``, its parent, that one's parent… (``count`` at most): the saves before a
+        new step, newest first, as far as the index's ``steps.parent`` links reach."""
+        out = [step]
+        while len(out) < count:
+            rows = self._index.query("SELECT parent FROM steps WHERE step = ?", (out[-1],))
+            if not rows or rows[0][0] is None or rows[0][0] in out:
+                break
+            out.append(rows[0][0])
+        return out
+
+    def _dense_chains(self, parent: int, parent_ids: list[bytes],
+                      bases: _BaseSource) -> set[bytes]:
+        """Among ``parent_ids`` (blocks of step ``parent``), those whose position changed at
+        every save since its keyframe: the chain's keyframe was written ``depth`` saves
+        before ``parent``. Only these are cut at a keyframe slot; a position that changes
+        now and then has its own phase, and a cut would only add keyframes."""
+        ancestors = self._ancestors(parent, self.config.delta.max_depth + 1)
+        roots: dict[bytes, tuple[bytes, int]] = {}
+        for pid in parent_ids:
+            loc = bases.location(pid)
+            if loc is not None and loc.depth < len(ancestors):
+                roots[pid] = (bases.root(pid), ancestors[loc.depth])
+        first: dict[bytes, int] = {}
+        for batch in chunked(list({r for r, _ in roots.values()}), 500):
+            marks = ",".join("?" * len(batch))
+            first.update(self._index.query(
+                f"SELECT id, first_step FROM blocks WHERE id IN ({marks})", batch))
+        return {pid for pid, (root, when) in roots.items() if first.get(root) == when}
 
     def _parent_of(self, step: int) -> int | None:
         """The committed step whose blocks serve as delta bases for ``step``."""
@@ -577,6 +616,11 @@ class Store:
                 todo.append((bid, p.data[a:b], p.width, parent_id, delta.mode_for(p.leaf.path),
                              (p.leaf.path, a), slot))
         base_source = _BaseSource(self, [t[3] for t in todo if t[3] is not None])
+        at_slot = [t[3] for t in todo if t[6]]
+        if at_slot:
+            assert parent is not None
+            dense = self._dense_chains(parent, at_slot, base_source)  # type: ignore[arg-type]
+            todo = [t if not t[6] or t[3] in dense else t[:6] + (False,) for t in todo]
         cfg = self.config
         hints = self._delta_hints
 
@@ -1020,6 +1064,9 @@ class Store:
                              "nbytes": n, "block_size": bs, "blocks": bl.hex()}
                             for i, p, k, d, s, n, bs, bl in rows if i in kept],
             }
+            generation = self._manifest_generation(manifest)
+            if generation is not None:  # the keyframe clock a rebuilt index goes on from
+                payload["generation"] = generation
             # the manifest first: a crash between the two leaves a thinned manifest for a
             # full index row, which only ever loses what the caller asked to drop
             self.backend.put(manifest, encode_manifest(payload))
@@ -1213,6 +1260,7 @@ class Store:
         metrics: dict[str, Any] | None = None,
         tags: Sequence[str] | None = None,
         note: str | None = None,
+        generation: int | None = None,
     ) -> SaveResult:
         """Commit a step whose frames other processes appended to packs of this store.
 
@@ -1223,6 +1271,7 @@ class Store:
         durable. Every new frame header, pack size, block reference and entry size is
         checked before the manifest and the one transaction that make the step
         visible, so a lying or crashed writer yields an error, never a bad step.
+        ``generation``: the keyframe clock the writers encoded with (default: the index's).
         """
         self._check_open()
         t0 = time.perf_counter()
@@ -1291,6 +1340,7 @@ class Store:
                 "manifest_version": MANIFEST_VERSION, "step": step, "created_at": created,
                 "metrics": json.loads(metrics_json), "tags": tags_list, "note": note,
                 "parent": parent, "tree": tree,
+                **({"generation": generation} if generation is not None else {}),
                 "entries": [{"idx": r[1], "path": r[2], "kind": r[3], "dtype": r[4],
                              "shape": json.loads(r[5]), "nbytes": r[6], "block_size": r[7],
                              "blocks": r[8].hex()} for r in rows],
@@ -1317,7 +1367,7 @@ class Store:
                     "INSERT INTO entries(step, idx, path, kind, dtype, shape, nbytes, "
                     "block_size, blocks) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
                 summaries.record(conn, [step])
-                summaries.bump_delta_generation(conn)
+                summaries.advance_delta_generation(conn, generation)
             return SaveResult(step, logical, written, len(blocks), total,
                               time.perf_counter() - t0)
 

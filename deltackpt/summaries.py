@@ -146,25 +146,41 @@ def insert_blocks(conn: sqlite3.Connection, rows: Sequence[tuple], ignore: bool 
         [(*row, start + i) for i, row in enumerate(rows)])
 
 
-#: ``meta`` key counting the steps this index has committed (never decremented): the clock
-#: of staggered keyframes (delta.py). Writer-side only, like ``blocks.depth``: a rebuilt
-#: index restarts it at 0, which shifts every position's slot alike.
+#: ``meta`` key holding the generation the next save takes: the clock of staggered keyframes
+#: (delta.py). Each commit sets it past the generation it used, and an index filled from
+#: manifests past the highest generation they record, so a fresh cache of a remote store
+#: goes on from where its writers were. Writer-side only, like ``blocks.depth``.
 GENERATION_KEY = "delta_generation"
+#: generations are kept within int64, as SQLite stores them
+_GENERATION_MAX = 2**62
+
+
+def parse_generation(value: Any) -> int | None:
+    """A recorded generation (meta text or manifest JSON), or None when it is not a
+    non-negative integer: a damaged clock only moves keyframe slots, it is never fatal."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        value = int(value)
+    if isinstance(value, int) and 0 <= value < _GENERATION_MAX:
+        return value
+    return None
 
 
 def delta_generation(index: Any) -> int:
-    """The commit counter of ``index`` (an :class:`~deltackpt.index.Index`); 0 when unset."""
+    """The generation the next save of ``index`` (an :class:`~deltackpt.index.Index`) takes."""
     rows = index.query("SELECT value FROM meta WHERE key = ?", (GENERATION_KEY,))
-    try:
-        return max(0, int(rows[0][0])) if rows else 0
-    except (TypeError, ValueError):
-        return 0  # a damaged counter only moves keyframe slots
+    return (parse_generation(rows[0][0]) if rows else None) or 0
 
 
-def bump_delta_generation(conn: sqlite3.Connection) -> None:
-    """Count one more committed step; call inside the commit's write transaction."""
-    conn.execute("INSERT INTO meta(key, value) VALUES (?, '1') ON CONFLICT(key) DO UPDATE "
-                 "SET value = CAST(value AS INTEGER) + 1", (GENERATION_KEY,))
+def advance_delta_generation(conn: sqlite3.Connection, used: int | None) -> None:
+    """Record that a step was committed at generation ``used`` (None: the current one):
+    the next save takes a later one. Call inside the write transaction of that commit."""
+    row = conn.execute("SELECT value FROM meta WHERE key = ?", (GENERATION_KEY,)).fetchone()
+    current = (parse_generation(row[0]) if row else None) or 0
+    nxt = min(max(current, (current if used is None else used) + 1), _GENERATION_MAX - 1)
+    conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
+                 (GENERATION_KEY, str(nxt)))
 
 
 def migrate_v1(conn: sqlite3.Connection) -> None:

@@ -85,6 +85,29 @@ def test_roundtrip_bit_exact_and_incremental(store_path):
         assert summaries.delta_generation(s._index) == 2
 
 
+def test_ranks_encode_with_the_coordinators_keyframe_clock(store_path, monkeypatch):
+    """The coordinator hands its generation to every rank (staggered keyframe slots), the
+    commit records it in the manifest and moves the clock on."""
+    from deltackpt.delta import DeltaConfig
+    from deltackpt.packs import decode_manifest
+
+    state = _state(1)
+    _save(store_path, state, 10)
+    state["model"]["w"] += 1.0
+    _save(store_path, state, 20)
+    seen = []
+    real = DeltaConfig.keyframe_slot
+    monkeypatch.setattr(DeltaConfig, "keyframe_slot",
+                        lambda self, g, path, k: (seen.append(g), real(self, g, path, k))[1])
+    state["model"]["w"] += 1.0
+    _save(store_path, state, 30)
+    assert seen and set(seen) == {2}
+    with deltackpt.open(store_path) as s:
+        manifest = s._index.query("SELECT manifest FROM steps WHERE step=30")[0][0]
+        assert decode_manifest(s.backend.read(manifest))["generation"] == 2
+        assert summaries.delta_generation(s._index) == 3
+
+
 def test_load_full_and_plain_store_load(store_path):
     state = _state(2)
     _save(store_path, state, 1)
