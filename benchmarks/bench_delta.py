@@ -296,7 +296,8 @@ def main() -> None:
                 print(f"{c}: {r['incremental_fraction_mean'] / zd:.3f}x zipnn-delta's bytes")
         if args.json:
             with open(args.json, "w") as f:
-                json.dump({"args": vars(args), "torch": torch_rows, "rows": rows,
+                json.dump({"args": vars(args), "torch": torch_rows, "torch_load_seconds": t_tl,
+                           "rows": rows,
                            "results": results, "peers": peers, "peer_rows": peer_rows},
                           f, indent=1)
     finally:
