@@ -73,7 +73,7 @@ def _fix_crc(data: bytes) -> bytes:
     """Make the header CRC valid again, so mutations reach the checks behind it."""
     if len(data) < C.HEADER_SIZE:
         return data
-    n = data[9]
+    n = data[8]  # the stream count (byte 9 is the zstd level)
     end = C.HEADER_SIZE + 5 * n
     if not 1 <= n <= 16 or len(data) < end + 4:
         return data
