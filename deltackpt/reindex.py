@@ -205,8 +205,8 @@ def rebuild_into(idx: Index, backend: Backend, result: ReindexResult, *,
         taken.add(step)
     used = {bid for bid in first_step}
     # the keyframe clock goes on past the latest generation any ingested manifest records
-    generations = [g for g in (summaries.parse_generation(m.get("generation"))
-                               for _n, m, _s in steps) if g is not None]
+    generations = [(g, step) for g, step in ((summaries.parse_generation(m.get("generation")),
+                                              step) for _n, m, step in steps) if g is not None]
     with idx.write() as conn:
         if replace:
             for table in ("step_stats", "entries", "steps", "blocks", "packs"):
@@ -250,8 +250,7 @@ def rebuild_into(idx: Index, backend: Backend, result: ReindexResult, *,
                   bytes.fromhex(e["blocks"])) for e in entries])
             summaries.record(conn, [step])
             result.steps_recovered.append(step)
-        if generations:
-            summaries.advance_delta_generation(conn, max(generations))
+        summaries.record_generations(conn, generations)
 
 def _with_bases(ids: set[bytes], blocks: dict[bytes, tuple],
                 known: dict[bytes, int] | None = None) -> set[bytes]:

@@ -428,7 +428,7 @@ class Store:
                       p.spans[0][1] if p.spans else 0, b"".join(p.ids)) for p in plans],
                 )
                 summaries.record(conn, [step])
-                summaries.advance_delta_generation(conn, generation)
+                summaries.advance_delta_generation(conn, generation, step)
                 crash_point("save:before-commit")
             crash_point("save:after-commit")
             self._refresh_after_commit(plans, new_blocks, step)
@@ -447,35 +447,28 @@ class Store:
             return None
         return summaries.parse_generation(payload.get("generation"))
 
-    def _ancestors(self, step: int, count: int) -> list[int]:
-        """``step``, its parent, that one's parent… (``count`` at most): the saves before a
-        new step, newest first, as far as the index's ``steps.parent`` links reach."""
-        out = [step]
-        while len(out) < count:
-            rows = self._index.query("SELECT parent FROM steps WHERE step = ?", (out[-1],))
-            if not rows or rows[0][0] is None or rows[0][0] in out:
-                break
-            out.append(rows[0][0])
-        return out
-
     def _dense_chains(self, parent: int, parent_ids: list[bytes],
                       bases: _BaseSource) -> set[bytes]:
         """Among ``parent_ids`` (blocks of step ``parent``), those whose position changed at
         every save since its keyframe: the chain's keyframe was written ``depth`` saves
-        before ``parent``. Only these are cut at a keyframe slot; a position that changes
-        now and then has its own phase, and a cut would only add keyframes."""
-        ancestors = self._ancestors(parent, self.config.delta.max_depth + 1)
+        before ``parent`` (by the commit history in the index, which outlives deleted
+        steps). Only these are cut at a keyframe slot; a position that changes now and then
+        has its own phase, and a cut would only add keyframes."""
+        generations = summaries.step_generations(self._index)
+        if parent not in generations:
+            return set()
         roots: dict[bytes, tuple[bytes, int]] = {}
         for pid in parent_ids:
             loc = bases.location(pid)
-            if loc is not None and loc.depth < len(ancestors):
-                roots[pid] = (bases.root(pid), ancestors[loc.depth])
+            if loc is not None:
+                roots[pid] = (bases.root(pid), generations[parent] - loc.depth)
         first: dict[bytes, int] = {}
         for batch in chunked(list({r for r, _ in roots.values()}), 500):
             marks = ",".join("?" * len(batch))
             first.update(self._index.query(
                 f"SELECT id, first_step FROM blocks WHERE id IN ({marks})", batch))
-        return {pid for pid, (root, when) in roots.items() if first.get(root) == when}
+        return {pid for pid, (root, when) in roots.items()
+                if root in first and generations.get(first[root]) == when}
 
     def _parent_of(self, step: int) -> int | None:
         """The committed step whose blocks serve as delta bases for ``step``."""
@@ -1367,7 +1360,7 @@ class Store:
                     "INSERT INTO entries(step, idx, path, kind, dtype, shape, nbytes, "
                     "block_size, blocks) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
                 summaries.record(conn, [step])
-                summaries.advance_delta_generation(conn, generation)
+                summaries.advance_delta_generation(conn, generation, step)
             return SaveResult(step, logical, written, len(blocks), total,
                               time.perf_counter() - t0)
 

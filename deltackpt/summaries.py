@@ -151,6 +151,12 @@ def insert_blocks(conn: sqlite3.Connection, rows: Sequence[tuple], ignore: bool 
 #: manifests past the highest generation they record, so a fresh cache of a remote store
 #: goes on from where its writers were. Writer-side only, like ``blocks.depth``.
 GENERATION_KEY = "delta_generation"
+#: ``meta`` key holding ``[[generation, step], …]`` of the latest commits, oldest first: how
+#: many saves lie between two steps even after the steps in between were deleted (the test
+#: of a dense chain, store.py)
+HISTORY_KEY = "delta_history"
+#: commits remembered: enough for the longest chain a writer creates (MAX_CHAIN_HOPS)
+HISTORY_LENGTH = 66
 #: generations are kept within int64, as SQLite stores them
 _GENERATION_MAX = 2**62
 
@@ -160,11 +166,31 @@ def parse_generation(value: Any) -> int | None:
     non-negative integer: a damaged clock only moves keyframe slots, it is never fatal."""
     if isinstance(value, bool):
         return None
-    if isinstance(value, str) and value.isascii() and value.isdigit():
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 19:
         value = int(value)
     if isinstance(value, int) and 0 <= value < _GENERATION_MAX:
         return value
     return None
+
+
+def _meta(conn: sqlite3.Connection, key: str) -> Any:
+    row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+    return row[0] if row else None
+
+
+def _history(text: Any) -> list[tuple[int, int]]:
+    """The parsed ``delta_history`` value; what does not parse is left out."""
+    try:
+        items = json.loads(text) if isinstance(text, str) else []
+    except ValueError:
+        return []
+    out = []
+    for item in items if isinstance(items, list) else []:
+        if isinstance(item, list) and len(item) == 2:
+            g, step = parse_generation(item[0]), item[1]
+            if g is not None and isinstance(step, int) and not isinstance(step, bool):
+                out.append((g, step))
+    return out
 
 
 def delta_generation(index: Any) -> int:
@@ -173,14 +199,43 @@ def delta_generation(index: Any) -> int:
     return (parse_generation(rows[0][0]) if rows else None) or 0
 
 
-def advance_delta_generation(conn: sqlite3.Connection, used: int | None) -> None:
-    """Record that a step was committed at generation ``used`` (None: the current one):
-    the next save takes a later one. Call inside the write transaction of that commit."""
-    row = conn.execute("SELECT value FROM meta WHERE key = ?", (GENERATION_KEY,)).fetchone()
-    current = (parse_generation(row[0]) if row else None) or 0
-    nxt = min(max(current, (current if used is None else used) + 1), _GENERATION_MAX - 1)
-    conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
-                 (GENERATION_KEY, str(nxt)))
+def step_generations(index: Any) -> dict[int, int]:
+    """Step -> the generation it was saved at, for the latest commits the index remembers.
+    A step number saved twice (deleted, then saved again) is left out: ambiguous."""
+    rows = index.query("SELECT value FROM meta WHERE key = ?", (HISTORY_KEY,))
+    out: dict[int, int] = {}
+    twice = set()
+    for g, step in _history(rows[0][0] if rows else None):
+        if step in out and out[step] != g:
+            twice.add(step)
+        out[step] = g
+    for step in twice:
+        del out[step]
+    return out
+
+
+def record_generations(conn: sqlite3.Connection, saved: Iterable[tuple[int, int]]) -> None:
+    """Record steps committed at generations (``(generation, step)`` pairs): the next save
+    takes a later generation, and the history keeps the latest ``HISTORY_LENGTH``. Call
+    inside the write transaction that commits them."""
+    saved = [(g, s) for g, s in saved if parse_generation(g) is not None]
+    if not saved:
+        return
+    current = parse_generation(_meta(conn, GENERATION_KEY)) or 0
+    nxt = min(max(current, max(g for g, _ in saved) + 1), _GENERATION_MAX - 1)
+    history = sorted(set(_history(_meta(conn, HISTORY_KEY))) | set(saved))[-HISTORY_LENGTH:]
+    conn.executemany("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
+                     [(GENERATION_KEY, str(nxt)),
+                      (HISTORY_KEY, json.dumps([list(x) for x in history]))])
+
+
+def advance_delta_generation(conn: sqlite3.Connection, used: int | None, step: int) -> None:
+    """Record that ``step`` was committed at generation ``used`` (None: the current one).
+    Call inside the write transaction of that commit."""
+    g = parse_generation(used)
+    if g is None:
+        g = parse_generation(_meta(conn, GENERATION_KEY)) or 0
+    record_generations(conn, [(g, step)])
 
 
 def migrate_v1(conn: sqlite3.Connection) -> None:

@@ -95,6 +95,18 @@ def test_ranks_encode_with_the_coordinators_keyframe_clock(store_path, monkeypat
     _save(store_path, state, 10)
     state["model"]["w"] += 1.0
     _save(store_path, state, 20)
+    real_plan = StorageWriter.prepare_global_plan
+
+    def plan_then_move_the_clock(self, plans):
+        # as if a rank read another index (its own cache of an object store): ranks must
+        # still use what the coordinator planned with
+        out = real_plan(self, plans)
+        with self._writer_store(create=False)._index.write() as conn:
+            conn.execute("UPDATE meta SET value = '50' WHERE key = ?",
+                         (summaries.GENERATION_KEY,))
+        return out
+
+    monkeypatch.setattr(StorageWriter, "prepare_global_plan", plan_then_move_the_clock)
     seen = []
     real = DeltaConfig.keyframe_slot
     monkeypatch.setattr(DeltaConfig, "keyframe_slot",
@@ -105,7 +117,8 @@ def test_ranks_encode_with_the_coordinators_keyframe_clock(store_path, monkeypat
     with deltackpt.open(store_path) as s:
         manifest = s._index.query("SELECT manifest FROM steps WHERE step=30")[0][0]
         assert decode_manifest(s.backend.read(manifest))["generation"] == 2
-        assert summaries.delta_generation(s._index) == 3
+        assert summaries.step_generations(s._index) == {10: 0, 20: 1, 30: 2}
+        assert summaries.delta_generation(s._index) == 50  # never moved back
 
 
 def test_load_full_and_plain_store_load(store_path):

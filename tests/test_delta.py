@@ -263,6 +263,29 @@ def test_staggered_keyframes_spread_the_refresh_over_saves(tmp_path):
     assert sum(per_save["staggered"]) <= sum(per_save["aligned"]) + blocks
 
 
+@pytest.mark.parametrize("policy,keep", [("chain:4", 2), ("chain:4", 1), ("keyframe:8", 2)])
+def test_staggering_holds_when_old_steps_are_deleted(tmp_path, policy, keep):
+    """Retention deletes the steps between a chain's keyframe and its parent: the commit
+    history in the index still tells a dense chain, so keyframes stay spread (steps numbered
+    in tens, as a training loop saves them)."""
+    period = int(policy.split(":")[1]) + 1
+    blocks = 5 * period
+    t = _bits_tensor(11, blocks * 1024, "float32")
+    with deltackpt.open(tmp_path / "s", delta=f"xor:{policy}", block_size=4096) as store:
+        for i in range(4 * period):
+            store.save({"w": t}, step=10 * i)
+            for old in store.steps()[:-keep]:
+                store.delete(old)
+            store.gc()
+            saved = t
+            t = _perturb(t, 700 + i, 1.0)
+        per_save = _keyframes_per_save(store, [10 * i for i in range(4 * period)])
+        assert_state_equal(store.load(store.latest())["w"], saved)
+        assert store.verify().ok
+    # the blocks written by the kept steps: as many keyframes as one save in a period needs
+    assert per_save[-keep:] == [blocks // period] * keep, per_save
+
+
 def test_positions_that_change_now_and_then_are_not_cut_at_their_slots(tmp_path):
     """A slot cuts only a chain that grew at every save since its keyframe: blocks that
     change at every other save get exactly the keyframes of the aligned schedule."""
@@ -340,8 +363,15 @@ def test_the_keyframe_clock_survives_a_rebuilt_index_and_bad_values(tmp_path):
                              (bad, summaries.GENERATION_KEY))
             assert summaries.delta_generation(store._index) == 0
         with store._index.write() as conn:
-            summaries.advance_delta_generation(conn, 6)
+            summaries.advance_delta_generation(conn, 6, 99)
         assert summaries.delta_generation(store._index) == 7
+        assert summaries.step_generations(store._index)[99] == 6
+        for bad in ("[[1, 2], [\"x\", 3], 7]", "{", "null"):  # a damaged history: ignored
+            with store._index.write() as conn:
+                conn.execute("UPDATE meta SET value = ? WHERE key = ?",
+                             (bad, summaries.HISTORY_KEY))
+            assert summaries.step_generations(store._index) in ({2: 1}, {})
+        assert summaries.parse_generation("9" * 5000) is None
         with store._index.write() as conn:
             conn.execute("DELETE FROM meta WHERE key = ?", (summaries.GENERATION_KEY,))
         assert summaries.delta_generation(store._index) == 0  # an index from before: 0
