@@ -1267,6 +1267,9 @@ class Store:
         ``generation``: the keyframe clock the writers encoded with (default: the index's).
         """
         self._check_open()
+        if generation is not None and (not isinstance(generation, int)
+                                       or summaries.parse_generation(generation) is None):
+            raise ValueError(f"generation must be an int in [0, 2**62), got {generation!r}")
         t0 = time.perf_counter()
         step, metrics_json, tags_list = self._step_record_args(step, metrics, tags, note)
         where = f"{self.location}: step {step}"

@@ -372,6 +372,10 @@ def test_the_keyframe_clock_survives_a_rebuilt_index_and_bad_values(tmp_path):
                              (bad, summaries.HISTORY_KEY))
             assert summaries.step_generations(store._index) in ({2: 1}, {})
         assert summaries.parse_generation("9" * 5000) is None
+        for bad in ("3", -1, 2**62, True):  # refused before anything is written
+            with pytest.raises(ValueError, match="generation"):
+                store.commit_external(99, ["D", []], [], {}, [], None, generation=bad)
+        assert 99 not in store.steps()
         with store._index.write() as conn:
             conn.execute("DELETE FROM meta WHERE key = ?", (summaries.GENERATION_KEY,))
         assert summaries.delta_generation(store._index) == 0  # an index from before: 0
