@@ -82,7 +82,8 @@ def open(path: str | os.PathLike | Backend, **options: Any) -> Store:  # noqa: A
     ``block_size`` (bytes, default 1 MiB), ``hash`` (``"xxh3_128"`` or
     ``"blake2b"``), ``level`` (zstd level, per session), ``delta`` (``"auto"`` =
     ``"auto:chain:4"``, the default; ``"xor"``, ``"sub"``, ``"none"``, or
-    ``"MODE:keyframe:8"``; per session), ``fsync``
+    ``"MODE:keyframe:8"``; keyframes are staggered over saves, ``":aligned"`` at the end
+    refreshes every block at once; per session), ``fsync``
     (default True: a returned save survives power loss), ``threads``,
     ``lock_timeout`` (seconds to wait for another writer), ``base_cache_bytes``
     (memory kept for the next save's delta bases). Use it as a context manager
