@@ -22,7 +22,7 @@ from .errors import CorruptionError, FormatVersionError, InvalidStoreError
 from .hashing import unpack_ids
 from .index import Index, chunked
 from .lock import WriterLock
-from .packs import MANIFEST_PREFIX, PACK_PREFIX, decode_manifest, scan_pack
+from .packs import MANIFEST_PREFIX, PACK_PREFIX, decode_manifest, manifest_name, scan_pack
 
 
 @dataclass
@@ -190,6 +190,12 @@ def rebuild_into(idx: Index, backend: Backend, result: ReindexResult, *,
                 need.update(unpack_ids(bytes.fromhex(e["blocks"])))
         except (KeyError, TypeError, ValueError) as exc:
             result.problems.append(f"{name}: malformed manifest ({exc})")
+            continue
+        if name != manifest_name(step):
+            # writers name a manifest after its step: a mismatch is a renamed or foreign
+            # file, and its step may collide with the step of its name
+            result.problems.append(f"{name}: holds step {step}, which is named "
+                                   f"{manifest_name(step)}; not recovered")
             continue
         if step in taken:
             result.problems.append(f"{name}: step {step} is already named by another manifest")

@@ -388,3 +388,25 @@ def test_a_damaged_pack_index_is_reported_by_verify_and_reindex_walks_the_frames
     with deltackpt.open(path) as s:
         for step, st_ in expected.items():
             assert_state_equal(s.load(step), st_)
+
+
+def test_reindex_refuses_a_manifest_whose_name_is_not_its_step(tmp_path):
+    """A manifest renamed or copied under another step's name is reported, not recovered
+    (a copy used to abort the whole rebuild on the duplicate step); the others recover."""
+    from deltackpt.reindex import reindex
+
+    path = tmp_path / "s"
+    expected = _states()
+    with deltackpt.open(path, block_size=BS) as s:
+        for step, st_ in expected.items():
+            s.save(st_, step=step)
+    manifests = path / "manifests"
+    names = sorted(os.listdir(manifests))
+    shutil.copy(manifests / names[0], manifests / f"{7:020d}.manifest")  # a copy of step 1
+    os.rename(manifests / names[1], manifests / f"{9:020d}.manifest")  # step 2, renamed
+    res = reindex(path)
+    assert res.steps_recovered == [1] and not res.steps_lost
+    assert sum("not recovered" in p for p in res.problems) == 2, res.problems
+    with deltackpt.open(path) as s:
+        assert s.steps() == [1]
+        assert_state_equal(s.load(1), expected[1])
