@@ -191,12 +191,6 @@ def rebuild_into(idx: Index, backend: Backend, result: ReindexResult, *,
         except (KeyError, TypeError, ValueError) as exc:
             result.problems.append(f"{name}: malformed manifest ({exc})")
             continue
-        if name != manifest_name(step):
-            # writers name a manifest after its step: a mismatch is a renamed or foreign
-            # file, and its step may collide with the step of its name
-            result.problems.append(f"{name}: holds step {step}, which is named "
-                                   f"{manifest_name(step)}; not recovered")
-            continue
         if step in taken:
             result.problems.append(f"{name}: step {step} is already named by another manifest")
             continue
@@ -209,6 +203,11 @@ def rebuild_into(idx: Index, backend: Backend, result: ReindexResult, *,
             first_step.setdefault(bid, step)
         steps.append((name, m, step))
         taken.add(step)
+        if name != manifest_name(step):
+            # recovered (gc deletes manifests the index lacks), but a writer names a
+            # manifest after its step: saves refuse the step whose name this file took
+            result.problems.append(f"{name}: holds step {step} (its name would be "
+                                   f"{manifest_name(step)}); recovered under this name")
     used = {bid for bid in first_step}
     # the keyframe clock goes on past the latest generation any ingested manifest records
     generations = [(g, step) for g, step in ((summaries.parse_generation(m.get("generation")),

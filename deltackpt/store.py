@@ -369,6 +369,7 @@ class Store:
             if step in self:
                 raise StepExistsError(f"{self.location}: step {step} already exists; "
                                       "delete it first or save under another step")
+            manifest = self._free_manifest_name(step)
             parent = self._parent_of(step)
             generation = self._delta_generation()
             plans = self._plan_entries(leaves)
@@ -385,7 +386,6 @@ class Store:
                 raise
             crash_point("save:after-packs")
             created = time.time()
-            manifest = manifest_name(step)
             payload = {
                 "manifest_version": MANIFEST_VERSION,
                 "step": step,
@@ -434,6 +434,19 @@ class Store:
             self._refresh_after_commit(plans, new_blocks, step)
             return SaveResult(step, logical, written, len(new_blocks), total,
                               time.perf_counter() - t0)
+
+    def _free_manifest_name(self, step: int) -> str:
+        """The manifest name of ``step``, refused when the index lists it for another
+        step (a renamed manifest that reindex recovered): writing it would replace that
+        step's only record."""
+        name = manifest_name(step)
+        rows = self._index.query("SELECT step FROM steps WHERE manifest = ?", (name,))
+        if rows and rows[0][0] != step:
+            raise InvalidStoreError(
+                f"{self.location}: step {step}: its manifest name {name} holds step "
+                f"{rows[0][0]} (a renamed file); rename it to {manifest_name(rows[0][0])} "
+                f"and run `deltackpt reindex {self.location}` before saving step {step}")
+        return name
 
     def _delta_generation(self) -> int:
         """The generation the next save takes: the clock of staggered keyframes."""
@@ -1328,7 +1341,7 @@ class Store:
                     raise CorruptionError(f"{where}: delta base {v[5].hex()[:12]} of block "
                                           f"{bid.hex()[:12]} is not stored")
             created = time.time()
-            manifest = manifest_name(step)
+            manifest = self._free_manifest_name(step)
             rows = [(step, int(e["idx"]), e["path"], e["kind"], e["dtype"],
                      json.dumps(list(e["shape"])), int(e["nbytes"]), int(e["block_size"]),
                      bytes(e["blocks"])) for e in sorted(entries, key=lambda e: int(e["idx"]))]

@@ -390,9 +390,10 @@ def test_a_damaged_pack_index_is_reported_by_verify_and_reindex_walks_the_frames
             assert_state_equal(s.load(step), st_)
 
 
-def test_reindex_refuses_a_manifest_whose_name_is_not_its_step(tmp_path):
-    """A manifest renamed or copied under another step's name is reported, not recovered
-    (a copy used to abort the whole rebuild on the duplicate step); the others recover."""
+def test_a_renamed_manifest_is_recovered_and_its_name_is_not_overwritten(tmp_path):
+    """reindex recovers a manifest stored under another step's name, and says so (gc deletes
+    manifests the index lacks, so refusing it would lose the step); a later save of the step
+    whose name it took is refused with the way out, and nothing committed is lost."""
     from deltackpt.reindex import reindex
 
     path = tmp_path / "s"
@@ -402,11 +403,20 @@ def test_reindex_refuses_a_manifest_whose_name_is_not_its_step(tmp_path):
             s.save(st_, step=step)
     manifests = path / "manifests"
     names = sorted(os.listdir(manifests))
-    shutil.copy(manifests / names[0], manifests / f"{7:020d}.manifest")  # a copy of step 1
     os.rename(manifests / names[1], manifests / f"{9:020d}.manifest")  # step 2, renamed
     res = reindex(path)
-    assert res.steps_recovered == [1] and not res.steps_lost
-    assert sum("not recovered" in p for p in res.problems) == 2, res.problems
+    assert res.steps_recovered == [1, 2] and not res.steps_lost
+    assert len(res.problems) == 1 and "recovered under this name" in res.problems[0]
     with deltackpt.open(path) as s:
-        assert s.steps() == [1]
-        assert_state_equal(s.load(1), expected[1])
+        s.gc()
+        with pytest.raises(deltackpt.InvalidStoreError, match="rename it to"):
+            s.save(expected[1], step=9)
+        assert s.steps() == [1, 2]
+        for step, st_ in expected.items():
+            assert_state_equal(s.load(step), st_)
+    os.rename(manifests / f"{9:020d}.manifest", manifests / names[1])  # the way out
+    reindex(path)
+    with deltackpt.open(path) as s:
+        s.save(expected[1], step=9)
+        assert s.steps() == [1, 2, 9]
+        assert_state_equal(s.load(2), expected[2])
