@@ -1305,12 +1305,27 @@ class Store:
                 if actual != size:
                     raise CorruptionError(f"{where}: pack {name} has {actual} bytes, its "
                                           f"writer reported {size}")
+            # the frame headers, from each pack's index (one read per pack, not one per
+            # frame: a ranged GET each on object storage); a frame the index does not list
+            # (a pack without one) is read where it lies
+            listed: dict[tuple[str, int], FrameInfo] = {}
+            items = list(sizes.items())
+            if len(items) > 1 and self._threads > 1:  # object storage: GETs in parallel
+                found = list(self._pool.map(lambda nv: read_pack_index(self.backend, *nv),
+                                            items))
+            else:
+                found = [read_pack_index(self.backend, n, v) for n, v in items]
+            for (name, _size), frames in zip(items, found):
+                for info, off in frames or ():
+                    listed[(name, off)] = info
             for bid, (pack, off, length, raw, _codec, base, _depth) in blocks.items():
                 label = f"{where}: block {bid.hex()[:12]} at {pack}@{off}"
                 if pack not in sizes or off < len(PACK_MAGIC) or off + length > sizes[pack]:
                     raise CorruptionError(f"{label}: outside the packs of this step")
-                head = self.backend.read(pack, off, min(MAX_FRAME_HEADER, length))
-                info = codec_mod.parse_header(head, label, max_raw=raw)
+                info = listed.get((pack, off))
+                if info is None:
+                    head = self.backend.read(pack, off, min(MAX_FRAME_HEADER, length))
+                    info = codec_mod.parse_header(head, label, max_raw=raw)
                 if (info.block_id, info.base_id or None, info.raw_len, info.frame_len) != \
                         (bid, base, raw, length):
                     raise CorruptionError(f"{label}: the frame differs from what its writer "
