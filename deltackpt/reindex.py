@@ -209,9 +209,6 @@ def rebuild_into(idx: Index, backend: Backend, result: ReindexResult, *,
             result.problems.append(f"{name}: holds step {step} (its name would be "
                                    f"{manifest_name(step)}); recovered under this name")
     used = {bid for bid in first_step}
-    # the keyframe clock goes on past the latest generation any ingested manifest records
-    generations = [(g, step) for g, step in ((summaries.parse_generation(m.get("generation")),
-                                              step) for _n, m, step in steps) if g is not None]
     with idx.write() as conn:
         if replace:
             for table in ("step_stats", "entries", "steps", "blocks", "packs"):
@@ -255,7 +252,8 @@ def rebuild_into(idx: Index, backend: Backend, result: ReindexResult, *,
                   bytes.fromhex(e["blocks"])) for e in entries])
             summaries.record(conn, [step])
             result.steps_recovered.append(step)
-        summaries.record_generations(conn, generations)
+        # the keyframe clock goes on past the latest generation any ingested manifest records
+        summaries.record_generations(conn, [(m.get("generation"), step) for _n, m, step in steps])
 
 def _with_bases(ids: set[bytes], blocks: dict[bytes, tuple],
                 known: dict[bytes, int] | None = None) -> set[bytes]:

@@ -214,11 +214,12 @@ def step_generations(index: Any) -> dict[int, int]:
     return out
 
 
-def record_generations(conn: sqlite3.Connection, saved: Iterable[tuple[int, int]]) -> None:
-    """Record steps committed at generations (``(generation, step)`` pairs): the next save
-    takes a later generation, and the history keeps the latest ``HISTORY_LENGTH``. Call
-    inside the write transaction that commits them."""
-    saved = [(g, s) for g, s in saved if parse_generation(g) is not None]
+def record_generations(conn: sqlite3.Connection, saved: Iterable[tuple[Any, int]]) -> None:
+    """Record steps committed at generations (``(generation, step)`` pairs; a generation
+    :func:`parse_generation` refuses is skipped): the next save takes a later generation, and
+    the history keeps the latest ``HISTORY_LENGTH``. Call inside the write transaction that
+    commits them."""
+    saved = [(g, s) for g, s in ((parse_generation(g), s) for g, s in saved) if g is not None]
     if not saved:
         return
     current = parse_generation(_meta(conn, GENERATION_KEY)) or 0
