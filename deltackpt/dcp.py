@@ -67,6 +67,7 @@ from .errors import (
 )
 from .flatten import escape_key, flatten
 from .packs import PackWriter
+from .remote import is_remote_url
 from .results import SaveResult
 from .store import PathNotFoundError, Store, open_store
 
@@ -331,10 +332,6 @@ class StorageWriter(dcp_storage.StorageWriter):
                 f"{self.step} (every rank needs the same step; DCP plan caching is not "
                 "supported)")
         store = self._writer_store(create=False)
-        if not self._is_coordinator and hasattr(store, "refresh"):
-            # an object-storage store: this rank's index cache must know the steps committed
-            # since it opened, or it would rewrite stored blocks and miss its delta bases
-            store.refresh(check_packs=False)
         codec = CodecConfig.from_json(info["codec"])
         delta = DeltaConfig.from_json(info["delta"])
         if (store.config.codec, store.config.delta) != (codec, delta):
@@ -346,20 +343,35 @@ class StorageWriter(dcp_storage.StorageWriter):
                 raise DeltackptError(f"rank {self._rank}: DCP planned '{key}' twice")
             values[key] = self._resolve(item, planner)
         _, leaves = flatten(values)
+        parent = info["parent"]
+        # an object-storage store: this rank's index cache must know the steps committed since
+        # it last wrote, or it would rewrite stored blocks and miss its delta bases. The rank
+        # reads only what its own keys need when it can (not every rank's packs: scaling.md)
+        remote = not self._is_coordinator and hasattr(store, "catch_up_for_rank")
+        stored = None
+        if remote and not isinstance(self._target, Store):
+            stored = store.catch_up_for_rank(parent, [leaf.path for leaf in leaves])
+        if remote and stored is None:
+            store.refresh(check_packs=False)
+        generation = summaries.parse_generation(info.get("generation")) or 0
         with store._mutex:
             plans = store._plan_entries(leaves)
             store._hash_all(plans)
             writer = PackWriter(store.backend, store._pack_size)
             try:
-                generation = summaries.parse_generation(info.get("generation")) or 0
-                new_blocks, _ = store._write_new_blocks(plans, self.step, info["parent"], writer,
-                                                        generation)
+                # a base this rank located from its own records but a gc has moved since
+                # cannot be read: that block is written as a keyframe (the save stays
+                # correct, its frames are larger once)
+                new_blocks, _ = store._write_new_blocks(plans, self.step, parent, writer,
+                                                        generation, stored=stored)
                 packs = writer.finish()
                 store.backend.sync()
             except BaseException:
                 writer.abort()
                 raise
             store._refresh_after_commit(plans, new_blocks, self.step)
+            if remote:
+                store.record_rank_write(self.step, packs, new_blocks)
         results = []
         claimed: set[bytes] = set()
         for item, p in zip(plan.items, plans):
@@ -438,7 +450,11 @@ class StorageWriter(dcp_storage.StorageWriter):
     # -- helpers --------------------------------------------------------------------
     def _writer_store(self, create: bool) -> Store:
         if self._store is None:
-            self._store = _open(self._target, create and self._is_coordinator, self._options)
+            options = self._options
+            if not self._is_coordinator and is_remote_url(self._target):
+                # write_data catches up, with only what this rank needs
+                options = dict(options, catch_up_on_open=False)
+            self._store = _open(self._target, create and self._is_coordinator, options)
         return self._store
 
     def _resolve(self, item: WriteItem, planner: SavePlanner) -> Any:

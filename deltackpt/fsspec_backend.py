@@ -488,7 +488,14 @@ class FsspecBackend:
     def delete_if_match(self, name: str, etag: str | None) -> None:
         """Delete ``name`` if its ETag is still ``etag`` (no-op when already gone)."""
         if not self.is_s3 or etag is None:
-            self.delete(name)
+            # the lease itself: not guarded by the lease (release runs once it is let go)
+            try:
+                if self.is_s3:
+                    self.call("delete_object", Bucket=self.bucket, Key=self._key(name))
+                else:
+                    self.fs.rm_file(self._path(name))
+            except FileNotFoundError:
+                pass
             return
         try:
             self.call("delete_object", Bucket=self.bucket, Key=self._key(name), IfMatch=etag)

@@ -19,7 +19,7 @@ from typing import Any
 from . import summaries
 from .backend import PARTIAL_SUFFIX, Backend, LocalBackend, fsync_path
 from .errors import CorruptionError, FormatVersionError, InvalidStoreError
-from .hashing import unpack_ids
+from .hashing import ID_SIZE, unpack_ids
 from .index import Index, chunked
 from .lock import WriterLock
 from .packs import MANIFEST_PREFIX, PACK_PREFIX, decode_manifest, manifest_name, scan_pack
@@ -213,6 +213,7 @@ def rebuild_into(idx: Index, backend: Backend, result: ReindexResult, *,
         if replace:
             for table in ("step_stats", "entries", "steps", "blocks", "packs"):
                 conn.execute(f"DELETE FROM {table}")
+            conn.execute("DELETE FROM meta WHERE key = ?", (PARTIAL_KEY,))
         present = {r[0] for r in conn.execute("SELECT step FROM steps")} if incremental \
             else set()
         pack_ids = {}
@@ -254,6 +255,95 @@ def rebuild_into(idx: Index, backend: Backend, result: ReindexResult, *,
             result.steps_recovered.append(step)
         # the keyframe clock goes on past the latest generation any ingested manifest records
         summaries.record_generations(conn, [(m.get("generation"), step) for _n, m, step in steps])
+
+#: ``meta`` key of a cache index that :func:`ingest_partial` filled: some of its steps'
+#: blocks are not located. Only a DCP rank's own writer reads such a cache; every other use
+#: rebuilds it first (deltackpt.remote). Never set in a store's own index.
+PARTIAL_KEY = "cache_partial"
+
+
+def is_partial(idx: Index) -> bool:
+    """Whether ``idx`` is a cache that :func:`ingest_partial` left incomplete."""
+    return bool(idx.query("SELECT 1 FROM meta WHERE key = ?", (PARTIAL_KEY,)))
+
+
+def ingest_partial(idx: Index, name: str, manifest: dict[str, Any] | None,
+                   frames: dict[bytes, tuple], pack_sizes: dict[str, int],
+                   drop_steps: list[int]) -> None:
+    """Bring a cache index up to one committed step without reading other writers' packs
+    (a DCP rank catching up before it writes: deltackpt.remote).
+
+    Adds the step of ``manifest`` (named ``name``; None when the cache already has it):
+    its steps row, entries and keyframe generation, and, of the blocks it references,
+    those in ``frames`` (id -> (pack, offset, frame_len, raw_len, codec, base): frames this
+    cache's processes wrote themselves) whose delta chains resolve; drops the rows of
+    ``drop_steps`` (steps deleted from the store). One write transaction, which also marks
+    the cache partial (:data:`PARTIAL_KEY`): blocks only other processes wrote stay
+    unlocated. Raises :class:`CorruptionError` on a malformed manifest.
+    """
+    step: int | None = None
+    rows: list[tuple] = []
+    need: set[bytes] = set()
+    if manifest is not None:
+        try:
+            step = int(manifest["step"])
+            tree = json.dumps(manifest["tree"], separators=(",", ":"))
+            rows = [(step, int(e["idx"]), e["path"], e["kind"], e["dtype"],
+                     json.dumps(e["shape"]), int(e["nbytes"]), int(e["block_size"]),
+                     bytes.fromhex(e["blocks"])) for e in manifest["entries"]]
+            for r in rows:
+                need.update(unpack_ids(r[8]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CorruptionError(f"{name}: malformed manifest ({exc})") from None
+    else:
+        found = idx.query("SELECT step FROM steps WHERE manifest = ?", (name,))
+        if found:
+            step = int(found[0][0])
+            for (blob,) in idx.query("SELECT blocks FROM entries WHERE step = ?", (step,)):
+                need.update(unpack_ids(blob))
+    with idx.write() as conn:
+        conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, '1')", (PARTIAL_KEY,))
+        for s in drop_steps:
+            for table in ("step_stats", "entries", "steps"):
+                conn.execute(f"DELETE FROM {table} WHERE step = ?", (s,))
+        if step is None:
+            return
+        mine = need & frames.keys()
+        ask = mine | {f[5] for f in frames.values() if f[5] is not None}
+        known: dict[bytes, int] = {}
+        for batch in chunked(list(ask), 500):
+            marks = ",".join("?" * len(batch))
+            known.update(conn.execute(f"SELECT id, depth FROM blocks WHERE id IN ({marks})",
+                                      batch).fetchall())
+        take = {b for b in _with_bases(mine, frames, known)
+                if not _missing_with_bases({b}, frames, known)}
+        pack_ids: dict[str, int] = {}
+        for pack in sorted({frames[b][0] for b in take}):
+            conn.execute("INSERT OR IGNORE INTO packs(name, size, created_at) VALUES (?, ?, ?)",
+                         (pack, pack_sizes[pack], time.time()))
+            pack_ids[pack] = conn.execute("SELECT id FROM packs WHERE name=?",
+                                          (pack,)).fetchone()[0]
+        depth_of = dict(known)
+        summaries.insert_blocks(conn, [
+            (bid, pack_ids[frames[bid][0]], *frames[bid][1:], _depth(bid, frames, depth_of), step)
+            for bid in sorted(take)], ignore=True)
+        if manifest is None or conn.execute("SELECT 1 FROM steps WHERE step = ?",
+                                            (step,)).fetchone():
+            return
+        m = manifest
+        conn.execute(
+            "INSERT INTO steps(step, created_at, metrics, tags, note, tree, logical_bytes, "
+            "written_bytes, new_chunks, total_chunks, parent, manifest) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (step, float(m.get("created_at", 0.0)),
+             json.dumps(m.get("metrics", {}), allow_nan=True), json.dumps(m.get("tags", [])),
+             m.get("note"), tree, sum(r[6] for r in rows), sum(frames[b][2] for b in take),
+             len(take), sum(len(r[8]) // ID_SIZE for r in rows), m.get("parent"), name))
+        conn.executemany(
+            "INSERT INTO entries(step, idx, path, kind, dtype, shape, nbytes, block_size, "
+            "blocks) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        summaries.record_generations(conn, [(m.get("generation"), step)])
+
 
 def _with_bases(ids: set[bytes], blocks: dict[bytes, tuple],
                 known: dict[bytes, int] | None = None) -> set[bytes]:

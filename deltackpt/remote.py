@@ -27,6 +27,7 @@ from typing import Any
 
 from .errors import (
     CorruptionError,
+    FormatVersionError,
     InvalidStoreError,
     StoreLockedError,
 )
@@ -37,8 +38,10 @@ from .fsspec_backend import (
     ConditionFailedError,
     FsspecBackend,
 )
-from .packs import MANIFEST_PREFIX, PACK_PREFIX, scan_pack
-from .reindex import ReindexResult, rebuild_into
+from .hashing import unpack_ids
+from .index import chunked
+from .packs import MANIFEST_PREFIX, PACK_PREFIX, decode_manifest, manifest_name, scan_pack
+from .reindex import ReindexResult, ingest_partial, is_partial, rebuild_into
 from .store import CONFIG_NAME, INDEX_NAME, Store, StoreConfig, _new_config, existing_config
 
 LEASE_NAME = "lease.json"
@@ -218,11 +221,15 @@ class Lease:
         if t is not None and t is not threading.current_thread():
             t.join()
         with self._lock:
-            etag, lost = self._etag, self._lost
+            held, etag, lost = self.acquired_at is not None, self._etag, self._lost
             self.acquired_at, self._etag = None, None
-        if etag is not None and lost is None:
+        if held and lost is None:
             try:
-                self.backend.delete_if_match(LEASE_NAME, etag)
+                # no ETags off S3 (gs://, az://, fsspec+memory://): delete the lease only
+                # while it still names this owner (check-then-delete, as its creation)
+                if etag is not None or _parse_lease(
+                        self.backend.read(LEASE_NAME)).get("owner") == self.owner:
+                    self.backend.delete_if_match(LEASE_NAME, etag)
             except (ConditionFailedError, OSError):
                 pass  # taken over or unreachable: it expires on its own
 
@@ -245,6 +252,7 @@ CREATE TABLE IF NOT EXISTS frames (
     raw_len INTEGER NOT NULL, codec TEXT NOT NULL, base BLOB, PRIMARY KEY (pack, offset)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS manifests (name TEXT PRIMARY KEY, etag TEXT, data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS written (pack TEXT PRIMARY KEY, step INTEGER NOT NULL);
 """
 
 
@@ -289,6 +297,37 @@ class _ScanCache:
             for name in gone:
                 self.conn.execute("DELETE FROM frames WHERE pack=?", (name,))
                 self.conn.execute("DELETE FROM scanned WHERE name=?", (name,))
+                self.conn.execute("DELETE FROM written WHERE pack=?", (name,))
+
+    def put_written(self, step: int, packs: dict[str, tuple[int, list[tuple]]]) -> None:
+        """Record packs a process of this cache wrote for ``step`` (a DCP rank), with their
+        frames: no scan ever reads them back, and :meth:`RemoteStore.catch_up_for_rank`
+        locates this rank's blocks of ``step`` from them once the step is committed."""
+        for name, (size, frames) in packs.items():
+            self.put(name, size, frames)
+        with self.lock:
+            self.conn.executemany("INSERT OR REPLACE INTO written(pack, step) VALUES (?, ?)",
+                                  [(name, step) for name in packs])
+
+    def written_frames(self, step: int) -> tuple[dict[bytes, tuple], dict[str, int]]:
+        """Frames of the packs recorded by :meth:`put_written` for ``step``, id -> (pack,
+        offset, frame_len, raw_len, codec, base) (the latest pack wins for an id written
+        twice, by a retried save), and those packs' sizes."""
+        with self.lock:
+            names = [r[0] for r in self.conn.execute(
+                "SELECT pack FROM written WHERE step=? ORDER BY rowid", (step,))]
+        frames: dict[bytes, tuple] = {}
+        sizes: dict[str, int] = {}
+        for name, (size, found) in sorted(self.get(names).items(),
+                                          key=lambda kv: names.index(kv[0])):
+            sizes[name] = size
+            for bid, off, ln, raw, codec, base in found:
+                frames[bid] = (name, off, ln, raw, codec, base)
+        return frames, sizes
+
+    def forget_written_before(self, step: int) -> None:
+        with self.lock:
+            self.conn.execute("DELETE FROM written WHERE step < ?", (step,))
 
     def manifest(self, name: str, etag: str | None) -> bytes | None:
         if etag is None:
@@ -350,7 +389,8 @@ class RemoteStore(Store):
     def __init__(self, backend: FsspecBackend, config: StoreConfig, cache_dir: str, *,
                  threads: int | None = None, lock_timeout: float = 0.0,
                  lease_ttl: float = DEFAULT_LEASE_TTL, base_cache_bytes: int = 1 << 30,
-                 pack_size: int = DEFAULT_REMOTE_PACK_SIZE, scan_threads: int = 16) -> None:
+                 pack_size: int = DEFAULT_REMOTE_PACK_SIZE, scan_threads: int = 16,
+                 catch_up_on_open: bool = True) -> None:
         os.makedirs(cache_dir, exist_ok=True)
         with open(os.path.join(cache_dir, "source.txt"), "w", encoding="utf-8") as f:
             f.write(backend.url + "\n")  # which store this cache mirrors, for people
@@ -374,6 +414,8 @@ class RemoteStore(Store):
         backend.before_commit = self.lease.check
         #: what the last :meth:`refresh` did: "none", "incremental" or "rebuild"
         self.last_refresh = "none"
+        if not catch_up_on_open:
+            return  # a DCP rank: catch_up_for_rank or refresh before it writes
         try:
             self.refresh(check_packs=False)
         except BaseException:
@@ -403,6 +445,11 @@ class RemoteStore(Store):
         with self._mutex:
             self._check_open()
             listing = self.backend.list_info(MANIFEST_PREFIX)
+            if is_partial(self._index):
+                # a DCP rank's catch-ups located only its own blocks: locate them all
+                listing.update(self.backend.list_info(PACK_PREFIX))
+                self._scans.forget_missing({n for n in listing if n.startswith(PACK_PREFIX)})
+                return self._rebuild(_Listed(self.backend, listing), listing)
             remote_manifests = {n for n in listing if n.endswith(".manifest")}
             have_manifests = {r[0] for r in self._index.query("SELECT manifest FROM steps")}
             result = ReindexResult()
@@ -428,6 +475,64 @@ class RemoteStore(Store):
                     self.last_refresh = "incremental"
                     return result
             return self._rebuild(listed, listing)
+
+    def catch_up_for_rank(self, parent: int | None, paths: list[str]) -> set[bytes] | None:
+        """Catch up just enough for a DCP rank to write ``paths`` of the step after ``parent``,
+        without reading other ranks' packs (docs/scaling.md): one LIST and the parent's
+        manifest; this rank's blocks of the parent are located from the packs it recorded
+        writing (:meth:`record_rank_write`); rows of steps deleted since are dropped.
+
+        Returns the ids the parent holds at ``paths``: the stored blocks this rank may
+        reference without writing them (live as long as the parent is). None when that does
+        not suffice (the first save, another writer's steps in between, a changed sharding
+        plan, a block not located): the caller then catches up in full with
+        :meth:`refresh`. Leaves the cache partial; any later :meth:`refresh` rebuilds it.
+        """
+        if parent is None:
+            return None
+        with self._mutex:
+            self._check_open()
+            listing = self.backend.list_info(MANIFEST_PREFIX)
+            remote = {n for n in listing if n.endswith(".manifest")}
+            have = dict(self._index.query("SELECT manifest, step FROM steps"))
+            name = manifest_name(parent)
+            new = remote - have.keys()
+            if name not in remote or new - {name}:
+                return None
+            gone = [step for m, step in have.items() if m not in remote]
+            frames, sizes = self._scans.written_frames(parent)
+            if new or gone or (frames and is_partial(self._index)):
+                try:
+                    manifest = decode_manifest(self._manifest(name, listing), name) \
+                        if new else None
+                    ingest_partial(self._index, name, manifest, frames, sizes, gone)
+                except (CorruptionError, FormatVersionError, FileNotFoundError):
+                    return None
+            ids: set[bytes] = set()
+            for batch in chunked(sorted(set(paths)), 500):
+                marks = ",".join("?" * len(batch))
+                for (blob,) in self._index.query(
+                        f"SELECT blocks FROM entries WHERE step=? AND path IN ({marks})",
+                        (parent, *batch)):
+                    ids.update(unpack_ids(blob))
+            with self._index.read() as conn:
+                located = self._locate(conn, ids)
+            if any(b not in located for b in ids) or any(
+                    loc.base is not None and loc.base not in located
+                    for loc in located.values()):
+                return None
+            self._scans.forget_written_before(parent)
+            self.last_refresh = "scoped"
+            return ids
+
+    def record_rank_write(self, step: int, packs: list[tuple[str, int]],
+                          new_blocks: dict[bytes, tuple]) -> None:
+        """Remember the packs a DCP rank wrote for ``step`` (durable, not yet committed) and
+        their frames, for its next :meth:`catch_up_for_rank`."""
+        by_pack: dict[str, tuple[int, list[tuple]]] = {n: (size, []) for n, size in packs}
+        for bid, (pack, off, ln, raw, codec, base, _depth) in new_blocks.items():
+            by_pack[pack][1].append((bid, off, ln, raw, codec, base))
+        self._scans.put_written(step, by_pack)
 
     def rebuild_cache(self) -> ReindexResult:
         """Rebuild the local index cache from every manifest and pack of the store (what
@@ -548,10 +653,13 @@ def open_remote(target: str | FsspecBackend, *, block_size: int | None = None,
                 lease_ttl: float = DEFAULT_LEASE_TTL, part_size: int = DEFAULT_PART_SIZE,
                 max_concurrency: int = DEFAULT_CONCURRENCY,
                 pack_size: int = DEFAULT_REMOTE_PACK_SIZE,
-                readahead: int = DEFAULT_READAHEAD) -> RemoteStore:
+                readahead: int = DEFAULT_READAHEAD,
+                catch_up_on_open: bool = True) -> RemoteStore:
     """Open (creating if missing) the store at an object-storage URL or
     :class:`FsspecBackend`; see :func:`deltackpt.open` and docs/object-storage.md.
-    ``fsync`` is accepted for symmetry: a committed object is always durable."""
+    ``fsync`` is accepted for symmetry: a committed object is always durable.
+    ``catch_up_on_open=False`` skips the cache's catch-up (a DCP rank, which catches up
+    before it writes)."""
     if isinstance(target, FsspecBackend):
         backend = target
     else:
@@ -580,4 +688,4 @@ def open_remote(target: str | FsspecBackend, *, block_size: int | None = None,
     cache = os.fspath(cache_dir) if cache_dir is not None else default_cache_dir(url)
     return RemoteStore(backend, cfg, cache, threads=threads, lock_timeout=lock_timeout,
                        lease_ttl=lease_ttl, base_cache_bytes=base_cache_bytes,
-                       pack_size=pack_size)
+                       pack_size=pack_size, catch_up_on_open=catch_up_on_open)

@@ -605,9 +605,13 @@ class Store:
 
     def _write_new_blocks(self, plans: list[_EntryPlan], step: int, parent: int | None,
                           writer: PackWriter, generation: int = 0,
+                          stored: set[bytes] | None = None,
                           ) -> tuple[dict[bytes, tuple], int]:
+        """Encode and write the blocks of ``plans`` the store lacks; returns (id -> location
+        of each block written, bytes written). ``stored``: the ids to take as stored instead
+        of every block in the index (a DCP rank whose cache is partial)."""
         all_ids = {bid for p in plans for bid in p.ids}
-        known = self._known_blocks(all_ids)
+        known = all_ids & stored if stored is not None else self._known_blocks(all_ids)
         bases = self._delta_bases(plans, parent) if self.config.delta.enabled else {}
         delta = self.config.delta
         todo: list[tuple[bytes, np.ndarray, int, bytes | None, int, tuple[str, int], bool]] = []
