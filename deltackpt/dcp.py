@@ -348,10 +348,9 @@ class StorageWriter(dcp_storage.StorageWriter):
         # it last wrote, or it would rewrite stored blocks and miss its delta bases. The rank
         # reads only what its own keys need when it can (not every rank's packs: scaling.md)
         remote = not self._is_coordinator and hasattr(store, "catch_up_for_rank")
-        stored = None
-        if remote and not isinstance(self._target, Store):
-            stored = store.catch_up_for_rank(parent, [leaf.path for leaf in leaves])
-        if remote and stored is None:
+        scoped = remote and not isinstance(self._target, Store) and \
+            store.catch_up_for_rank(parent, [leaf.path for leaf in leaves])
+        if remote and not scoped:
             store.refresh(check_packs=False)
         generation = summaries.parse_generation(info.get("generation")) or 0
         with store._mutex:
@@ -363,7 +362,8 @@ class StorageWriter(dcp_storage.StorageWriter):
                 # cannot be read: that block is written as a keyframe (the save stays
                 # correct, its frames are larger once)
                 new_blocks, _ = store._write_new_blocks(plans, self.step, parent, writer,
-                                                        generation, stored=stored)
+                                                        generation,
+                                                        dedup_step=parent if scoped else None)
                 packs = writer.finish()
                 store.backend.sync()
             except BaseException:
@@ -452,8 +452,10 @@ class StorageWriter(dcp_storage.StorageWriter):
         if self._store is None:
             options = self._options
             if not self._is_coordinator and is_remote_url(self._target):
-                # write_data catches up, with only what this rank needs
-                options = dict(options, catch_up_on_open=False)
+                # an index of this rank's own (a partial one: never shared with other
+                # processes), which write_data catches up with only what the rank needs
+                options = dict(options, catch_up_on_open=False,
+                               cache_index=f"dcp-rank{self._rank}.sqlite")
             self._store = _open(self._target, create and self._is_coordinator, options)
         return self._store
 

@@ -165,19 +165,20 @@ def rebuild_into(idx: Index, backend: Backend, result: ReindexResult, *,
             marks = ",".join("?" * len(batch))
             known.update(idx.query(f"SELECT id, depth FROM blocks WHERE id IN ({marks})",
                                    batch))
-    # one id in several frames (a writer with a stale view wrote a stored block again): keep
-    # a frame whose delta chain resolves; the stale copy may be a delta against a block gc
-    # has removed since
+    # one id in several frames (a writer with a stale view wrote a stored block again, two
+    # DCP ranks wrote it in one save): keep a frame whose delta chain resolves (a stale copy
+    # may be a delta against a block gc has removed since), the one with the longest chain
+    # among those: a writer that extends it then never passes max_depth, whichever copy the
+    # store's own index recorded
     for bid, alternatives in others.items():
-        first = blocks[bid]
-        if not _missing_with_bases({bid}, blocks, known):
-            continue
-        for loc in alternatives:
+        best, best_depth = blocks[bid], -1
+        for loc in [blocks[bid], *alternatives]:
             blocks[bid] = loc
             if not _missing_with_bases({bid}, blocks, known):
-                break
-        else:
-            blocks[bid] = first  # none resolves: the step is reported lost either way
+                d = _depth(bid, blocks, dict(known))
+                if d > best_depth:
+                    best, best_depth = loc, d
+        blocks[bid] = best  # none resolves: the step is reported lost either way
     steps = []
     first_step: dict[bytes, int] = {}
     taken = set(existing.values())
@@ -269,14 +270,16 @@ def is_partial(idx: Index) -> bool:
 
 def ingest_partial(idx: Index, name: str, manifest: dict[str, Any] | None,
                    frames: dict[bytes, tuple], pack_sizes: dict[str, int],
-                   drop_steps: list[int]) -> None:
+                   drop_steps: list[int], own_paths: set[str] | None = None) -> None:
     """Bring a cache index up to one committed step without reading other writers' packs
     (a DCP rank catching up before it writes: deltackpt.remote).
 
     Adds the step of ``manifest`` (named ``name``; None when the cache already has it):
     its steps row, entries and keyframe generation, and, of the blocks it references,
     those in ``frames`` (id -> (pack, offset, frame_len, raw_len, codec, base): frames this
-    cache's processes wrote themselves) whose delta chains resolve; drops the rows of
+    process wrote itself) whose delta chains resolve. With ``own_paths``, a frame whose id
+    the step also holds at another path is left out: another writer may have written that
+    block too, and the step's committer kept one copy, perhaps not this one. Drops the rows of
     ``drop_steps`` (steps deleted from the store). One write transaction, which also marks
     the cache partial (:data:`PARTIAL_KEY`): blocks only other processes wrote stay
     unlocated. Raises :class:`CorruptionError` on a malformed manifest.
@@ -309,6 +312,8 @@ def ingest_partial(idx: Index, name: str, manifest: dict[str, Any] | None,
         if step is None:
             return
         mine = need & frames.keys()
+        if own_paths is not None and rows:
+            mine -= {b for r in rows if r[2] not in own_paths for b in unpack_ids(r[8])}
         ask = mine | {f[5] for f in frames.values() if f[5] is not None}
         known: dict[bytes, int] = {}
         for batch in chunked(list(ask), 500):

@@ -252,7 +252,9 @@ CREATE TABLE IF NOT EXISTS frames (
     raw_len INTEGER NOT NULL, codec TEXT NOT NULL, base BLOB, PRIMARY KEY (pack, offset)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS manifests (name TEXT PRIMARY KEY, etag TEXT, data BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS written (pack TEXT PRIMARY KEY, step INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS written (
+    pack TEXT PRIMARY KEY, step INTEGER NOT NULL, owner TEXT NOT NULL
+);
 """
 
 
@@ -299,35 +301,44 @@ class _ScanCache:
                 self.conn.execute("DELETE FROM scanned WHERE name=?", (name,))
                 self.conn.execute("DELETE FROM written WHERE pack=?", (name,))
 
-    def put_written(self, step: int, packs: dict[str, tuple[int, list[tuple]]]) -> None:
-        """Record packs a process of this cache wrote for ``step`` (a DCP rank), with their
-        frames: no scan ever reads them back, and :meth:`RemoteStore.catch_up_for_rank`
-        locates this rank's blocks of ``step`` from them once the step is committed."""
+    def put_written(self, step: int, owner: str, packs: dict[str, tuple[int, list[tuple]]],
+                    ) -> None:
+        """Record the packs ``owner`` (a DCP rank's index file) wrote for ``step``, with their
+        frames, replacing what it recorded for ``step`` before (a failed attempt): no scan
+        reads them back, and :meth:`RemoteStore.catch_up_for_rank` locates the rank's
+        blocks of ``step`` from them once the step is committed."""
         for name, (size, frames) in packs.items():
             self.put(name, size, frames)
         with self.lock:
-            self.conn.executemany("INSERT OR REPLACE INTO written(pack, step) VALUES (?, ?)",
-                                  [(name, step) for name in packs])
+            self.conn.execute("BEGIN IMMEDIATE")
+            self.conn.execute("DELETE FROM written WHERE step=? AND owner=?", (step, owner))
+            self.conn.executemany(
+                "INSERT OR REPLACE INTO written(pack, step, owner) VALUES (?, ?, ?)",
+                [(name, step, owner) for name in packs])
+            self.conn.execute("COMMIT")
 
-    def written_frames(self, step: int) -> tuple[dict[bytes, tuple], dict[str, int]]:
-        """Frames of the packs recorded by :meth:`put_written` for ``step``, id -> (pack,
-        offset, frame_len, raw_len, codec, base) (the latest pack wins for an id written
-        twice, by a retried save), and those packs' sizes."""
+    def written_frames(self, step: int, owner: str,
+                       ) -> tuple[dict[bytes, tuple], dict[str, int]]:
+        """Frames of the packs ``owner`` recorded for ``step``, id -> (pack, offset,
+        frame_len, raw_len, codec, base), and those packs' sizes."""
         with self.lock:
             names = [r[0] for r in self.conn.execute(
-                "SELECT pack FROM written WHERE step=? ORDER BY rowid", (step,))]
+                "SELECT pack FROM written WHERE step=? AND owner=? ORDER BY rowid",
+                (step, owner))]
+        found = self.get(names)
         frames: dict[bytes, tuple] = {}
         sizes: dict[str, int] = {}
-        for name, (size, found) in sorted(self.get(names).items(),
-                                          key=lambda kv: names.index(kv[0])):
-            sizes[name] = size
-            for bid, off, ln, raw, codec, base in found:
-                frames[bid] = (name, off, ln, raw, codec, base)
+        for name in names:
+            if name in found:
+                size, listed = found[name]
+                sizes[name] = size
+                for bid, off, ln, raw, codec, base in listed:
+                    frames[bid] = (name, off, ln, raw, codec, base)
         return frames, sizes
 
-    def forget_written_before(self, step: int) -> None:
+    def forget_written_before(self, step: int, owner: str) -> None:
         with self.lock:
-            self.conn.execute("DELETE FROM written WHERE step < ?", (step,))
+            self.conn.execute("DELETE FROM written WHERE step < ? AND owner=?", (step, owner))
 
     def manifest(self, name: str, etag: str | None) -> bytes | None:
         if etag is None:
@@ -390,14 +401,16 @@ class RemoteStore(Store):
                  threads: int | None = None, lock_timeout: float = 0.0,
                  lease_ttl: float = DEFAULT_LEASE_TTL, base_cache_bytes: int = 1 << 30,
                  pack_size: int = DEFAULT_REMOTE_PACK_SIZE, scan_threads: int = 16,
-                 catch_up_on_open: bool = True) -> None:
+                 catch_up_on_open: bool = True, cache_index: str = INDEX_NAME) -> None:
         os.makedirs(cache_dir, exist_ok=True)
         with open(os.path.join(cache_dir, "source.txt"), "w", encoding="utf-8") as f:
             f.write(backend.url + "\n")  # which store this cache mirrors, for people
         self.cache_dir = cache_dir
+        #: the cache's index file in ``cache_dir`` (a DCP rank has one of its own)
+        self.cache_index = cache_index
         self._scans = _ScanCache(os.path.join(cache_dir, "scans.sqlite"))
         self._scan_threads = scan_threads
-        index_path = os.path.join(cache_dir, INDEX_NAME)
+        index_path = os.path.join(cache_dir, cache_index)
         kw = dict(lock_path=None, threads=threads, lock_timeout=lock_timeout,
                   location=backend.url, pack_size=pack_size, base_cache_bytes=base_cache_bytes)
         try:
@@ -476,20 +489,23 @@ class RemoteStore(Store):
                     return result
             return self._rebuild(listed, listing)
 
-    def catch_up_for_rank(self, parent: int | None, paths: list[str]) -> set[bytes] | None:
+    def catch_up_for_rank(self, parent: int | None, paths: list[str]) -> bool:
         """Catch up just enough for a DCP rank to write ``paths`` of the step after ``parent``,
-        without reading other ranks' packs (docs/scaling.md): one LIST and the parent's
-        manifest; this rank's blocks of the parent are located from the packs it recorded
-        writing (:meth:`record_rank_write`); rows of steps deleted since are dropped.
+        without reading other ranks' packs (docs/dcp.md, "scoped catch-up"): one LIST and
+        the parent's manifest; this rank's blocks of the parent are located from the packs it
+        recorded writing (:meth:`record_rank_write`); rows of steps deleted since are dropped.
 
-        Returns the ids the parent holds at ``paths``: the stored blocks this rank may
-        reference without writing them (live as long as the parent is). None when that does
-        not suffice (the first save, another writer's steps in between, a changed sharding
-        plan, a block not located): the caller then catches up in full with
-        :meth:`refresh`. Leaves the cache partial; any later :meth:`refresh` rebuilds it.
+        True when that suffices: the rank then takes as stored only blocks the parent
+        references (``Store._write_new_blocks(dedup_step=parent)``), live while the parent
+        is. False — the first save, another writer's steps in between, a changed sharding,
+        the keyframe policy (whose bases are chain roots the parent does not reference) —
+        and the caller catches up in full with :meth:`refresh`. Leaves the index partial:
+        only the rank's own writer may use it, and any :meth:`refresh` rebuilds it. Use it
+        on a cache index of the rank's own (``cache_index``), never a shared one.
         """
-        if parent is None:
-            return None
+        delta = self.config.delta
+        if parent is None or (delta.enabled and delta.policy != "chain"):
+            return False
         with self._mutex:
             self._check_open()
             listing = self.backend.list_info(MANIFEST_PREFIX)
@@ -497,17 +513,18 @@ class RemoteStore(Store):
             have = dict(self._index.query("SELECT manifest, step FROM steps"))
             name = manifest_name(parent)
             new = remote - have.keys()
-            if name not in remote or new - {name}:
-                return None
+            if name not in remote or new - {name} or have.get(name, parent) != parent:
+                return False
             gone = [step for m, step in have.items() if m not in remote]
-            frames, sizes = self._scans.written_frames(parent)
-            if new or gone or (frames and is_partial(self._index)):
+            if new or gone:
+                frames, sizes = self._scans.written_frames(parent, self.cache_index)
                 try:
                     manifest = decode_manifest(self._manifest(name, listing), name) \
                         if new else None
-                    ingest_partial(self._index, name, manifest, frames, sizes, gone)
+                    ingest_partial(self._index, name, manifest, frames, sizes, gone,
+                                   own_paths=set(paths))
                 except (CorruptionError, FormatVersionError, FileNotFoundError):
-                    return None
+                    return False
             ids: set[bytes] = set()
             for batch in chunked(sorted(set(paths)), 500):
                 marks = ",".join("?" * len(batch))
@@ -520,10 +537,10 @@ class RemoteStore(Store):
             if any(b not in located for b in ids) or any(
                     loc.base is not None and loc.base not in located
                     for loc in located.values()):
-                return None
-            self._scans.forget_written_before(parent)
+                return False
+            self._scans.forget_written_before(parent, self.cache_index)
             self.last_refresh = "scoped"
-            return ids
+            return True
 
     def record_rank_write(self, step: int, packs: list[tuple[str, int]],
                           new_blocks: dict[bytes, tuple]) -> None:
@@ -532,7 +549,7 @@ class RemoteStore(Store):
         by_pack: dict[str, tuple[int, list[tuple]]] = {n: (size, []) for n, size in packs}
         for bid, (pack, off, ln, raw, codec, base, _depth) in new_blocks.items():
             by_pack[pack][1].append((bid, off, ln, raw, codec, base))
-        self._scans.put_written(step, by_pack)
+        self._scans.put_written(step, self.cache_index, by_pack)
 
     def rebuild_cache(self) -> ReindexResult:
         """Rebuild the local index cache from every manifest and pack of the store (what
@@ -654,12 +671,13 @@ def open_remote(target: str | FsspecBackend, *, block_size: int | None = None,
                 max_concurrency: int = DEFAULT_CONCURRENCY,
                 pack_size: int = DEFAULT_REMOTE_PACK_SIZE,
                 readahead: int = DEFAULT_READAHEAD,
-                catch_up_on_open: bool = True) -> RemoteStore:
+                catch_up_on_open: bool = True, cache_index: str = INDEX_NAME) -> RemoteStore:
     """Open (creating if missing) the store at an object-storage URL or
     :class:`FsspecBackend`; see :func:`deltackpt.open` and docs/object-storage.md.
     ``fsync`` is accepted for symmetry: a committed object is always durable.
-    ``catch_up_on_open=False`` skips the cache's catch-up (a DCP rank, which catches up
-    before it writes)."""
+    ``catch_up_on_open=False`` skips the cache's catch-up and ``cache_index`` names the
+    cache's index file (a DCP rank: an index of its own, which it catches up before it
+    writes)."""
     if isinstance(target, FsspecBackend):
         backend = target
     else:
@@ -688,4 +706,5 @@ def open_remote(target: str | FsspecBackend, *, block_size: int | None = None,
     cache = os.fspath(cache_dir) if cache_dir is not None else default_cache_dir(url)
     return RemoteStore(backend, cfg, cache, threads=threads, lock_timeout=lock_timeout,
                        lease_ttl=lease_ttl, base_cache_bytes=base_cache_bytes,
-                       pack_size=pack_size, catch_up_on_open=catch_up_on_open)
+                       pack_size=pack_size, catch_up_on_open=catch_up_on_open,
+                       cache_index=cache_index)

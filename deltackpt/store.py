@@ -603,15 +603,26 @@ class Store:
                 f"SELECT id FROM blocks WHERE id IN ({marks})", batch))
         return found
 
+    def _referenced_by(self, step: int, ids: set[bytes]) -> set[bytes]:
+        """Those of ``ids`` that entries of ``step`` reference."""
+        found: set[bytes] = set()
+        for (blob,) in self._index.query("SELECT blocks FROM entries WHERE step=?", (step,)):
+            view = memoryview(blob)
+            found.update(b for b in (bytes(view[i:i + ID_SIZE])
+                                     for i in range(0, len(view), ID_SIZE)) if b in ids)
+        return found
+
     def _write_new_blocks(self, plans: list[_EntryPlan], step: int, parent: int | None,
                           writer: PackWriter, generation: int = 0,
-                          stored: set[bytes] | None = None,
+                          dedup_step: int | None = None,
                           ) -> tuple[dict[bytes, tuple], int]:
         """Encode and write the blocks of ``plans`` the store lacks; returns (id -> location
-        of each block written, bytes written). ``stored``: the ids to take as stored instead
-        of every block in the index (a DCP rank whose cache is partial)."""
+        of each block written, bytes written). ``dedup_step``: take as stored only the
+        blocks that step references, not every block of the index (a DCP rank whose cache
+        is partial)."""
         all_ids = {bid for p in plans for bid in p.ids}
-        known = all_ids & stored if stored is not None else self._known_blocks(all_ids)
+        known = self._known_blocks(all_ids) if dedup_step is None else \
+            self._referenced_by(dedup_step, all_ids)
         bases = self._delta_bases(plans, parent) if self.config.delta.enabled else {}
         delta = self.config.delta
         todo: list[tuple[bytes, np.ndarray, int, bytes | None, int, tuple[str, int], bool]] = []
@@ -1359,6 +1370,7 @@ class Store:
                 if v[5] is not None and v[5] not in raw_lens:
                     raise CorruptionError(f"{where}: delta base {v[5].hex()[:12]} of block "
                                           f"{bid.hex()[:12]} is not stored")
+            blocks = self._with_true_depths(blocks, where)
             created = time.time()
             manifest = self._free_manifest_name(step)
             rows = [(step, int(e["idx"]), e["path"], e["kind"], e["dtype"],
@@ -1398,6 +1410,34 @@ class Store:
                 summaries.advance_delta_generation(conn, generation, step)
             return SaveResult(step, logical, written, len(blocks), total,
                               time.perf_counter() - t0)
+
+    def _with_true_depths(self, blocks: dict[bytes, tuple], where: str,
+                          ) -> dict[bytes, tuple]:
+        """``blocks`` (new, id -> (pack, offset, length, raw_len, codec, base, depth)) with
+        each depth computed from this index rather than taken from the writer: a rank whose
+        cache holds another copy of a base (a block two ranks wrote) sees another chain."""
+        outside = [v[5] for v in blocks.values() if v[5] is not None and v[5] not in blocks]
+        depth_of: dict[bytes, int] = {}
+        for batch in chunked(list(set(outside)), 500):
+            marks = ",".join("?" * len(batch))
+            depth_of.update(self._index.query(
+                f"SELECT id, depth FROM blocks WHERE id IN ({marks})", batch))
+        out = {}
+        for bid in blocks:
+            chain = []
+            cur: bytes | None = bid
+            while cur is not None and cur in blocks and cur not in depth_of:
+                chain.append(cur)
+                cur = blocks[cur][5]
+                if len(chain) > len(blocks):
+                    raise CorruptionError(f"{where}: the new blocks' delta bases form a cycle")
+            d = -1 if cur is None else depth_of[cur]
+            for b in reversed(chain):
+                d += 1
+                depth_of[b] = d
+            v = blocks[bid]
+            out[bid] = (*v[:6], depth_of[bid])
+        return out
 
     # -- export / import / average (deltackpt.export, .importer, .average) ------
     def iter_entries(self, step: int | None = None, select: Sequence[str] | str | None = None,

@@ -17,6 +17,7 @@ from helpers import assert_state_equal, block_rows, det_floats, entry_block_ids
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
 import deltackpt
+from deltackpt import packs
 from deltackpt.dcp import StorageWriter, load_full
 from deltackpt.reindex import is_partial
 from deltackpt.remote import RemoteStore
@@ -48,6 +49,12 @@ def _save(writers: list[StorageWriter], states: list[dict], step: int) -> None:
     results = [w.write_data(p.finish_plan(plan), p).value()
                for w, p, plan in zip(writers, planners, plans)]
     writers[0].finish(metadata, results)
+
+
+def _rank_store(writer: StorageWriter, rank: int) -> RemoteStore:
+    """The store a non-coordinator writer opens (DCP sets the rank up first)."""
+    writer.set_up_storage_writer(False, rank=rank, use_collectives=True)
+    return writer._writer_store(False)
 
 
 class _Reads:
@@ -85,12 +92,23 @@ def _check_steps(url: str, tmp_path, expected: dict[int, dict]) -> None:
     with deltackpt.open(url, cache_dir=cache) as s:
         assert s.steps() == sorted(expected)
         assert not s.verify().problems
+        _check_depths(s)
     for step, state in expected.items():
         full = load_full(url, step, cache_dir=cache)
         for part in state.values():
             for name, part_state in part.items():
                 for key, t in part_state.items():
                     assert_state_equal(full[f"{name}.{key}"], t, f"{step}:{name}.{key}")
+
+
+def _check_depths(store) -> None:
+    """Every block's recorded depth is the length of its delta chain."""
+    rows = {r["id"]: r for r in block_rows(store)}
+    for bid, r in rows.items():
+        hops, cur = 0, r["base"]
+        while cur is not None:
+            hops, cur = hops + 1, rows[cur]["base"]
+        assert r["depth"] == hops, (bid.hex(), r["depth"], hops)
 
 
 def _rows(store) -> list[tuple]:
@@ -104,7 +122,7 @@ def test_rank_reads_only_the_parent_manifest(url, tmp_path, monkeypatch):
     for step in (1, 2, 3, 4):
         states = [_state(0, step), _state(1, step)]
         if step > 1:
-            reads = _Reads(writers[1]._writer_store(False), monkeypatch)
+            reads = _Reads(_rank_store(writers[1], 1), monkeypatch)
         _save(writers, states, step)
         expected[step] = {r: s for r, s in enumerate(states)}
         if step > 1:
@@ -124,9 +142,14 @@ def test_rank_reads_only_the_parent_manifest(url, tmp_path, monkeypatch):
     for w in writers:
         w.close()
     _check_steps(url, tmp_path, expected)
-    # rank 1's cache is partial: anything else that opens it rebuilds it first, into the
-    # index a fresh cache has
+    with deltackpt.open(url, cache_dir=str(tmp_path / "c0")) as s:
+        _check_depths(s)                                        # as the coordinator recorded
+    # rank 1's partial index is a file of its own: the cache directory's shared index is
+    # never partial; a refresh of the rank's index rebuilds it into what a fresh cache holds
     with deltackpt.open(url, cache_dir=str(tmp_path / "c1")) as s:
+        assert not is_partial(s._index)
+    with deltackpt.open(url, cache_dir=str(tmp_path / "c1"),
+                        cache_index="dcp-rank1.sqlite") as s:
         assert s.last_refresh == "rebuild" and not is_partial(s._index)
         partial_rebuilt = _rows(s)
         assert not s.verify().problems
@@ -147,7 +170,7 @@ def test_new_writer_per_save_and_deleted_steps(url, tmp_path, monkeypatch):
                 s.delete(2)
             del expected[1], expected[2]
         if step > 1:
-            reads = _Reads(writers[1]._writer_store(False), monkeypatch)
+            reads = _Reads(_rank_store(writers[1], 1), monkeypatch)
         _save(writers, states, step)
         expected[step] = {r: s for r, s in enumerate(states)}
         if step > 1:
@@ -234,3 +257,114 @@ def test_ranks_sharing_one_cache(url, tmp_path):
     for w in writers:
         w.close()
     _check_steps(url, tmp_path, expected)
+
+
+def test_a_store_open_on_the_ranks_cache_dir_loads_every_step(url, tmp_path):
+    """The rank's partial index is its own file: another process's store on the same
+    (per-node default) cache directory stays complete and loads each step."""
+    writers = [StorageWriter(url, cache_dir=str(tmp_path / "c0"), **OPTS),
+               StorageWriter(url, cache_dir=str(tmp_path / "node"), **OPTS)]
+    other = deltackpt.open(url, cache_dir=str(tmp_path / "node"), **OPTS)
+    try:
+        for step in (1, 2, 3):
+            states = [_state(0, step), _state(1, step)]
+            _save(writers, states, step)
+            other.refresh(check_packs=False)
+            got = other.load(step)
+            for state in states:
+                for name, part in state.items():
+                    for key, t in part.items():
+                        assert_state_equal(got[f"{name}.{key}"], t, f"{step}:{name}.{key}")
+        assert writers[1]._store.last_refresh == "scoped"
+    finally:
+        other.close()
+        for w in writers:
+            w.close()
+
+
+def test_blocks_two_ranks_write_in_one_step(url, tmp_path, monkeypatch):
+    """Both ranks write the same new block in one save, rank 0 as a delta and rank 1 as a
+    keyframe; the coordinator keeps rank 0's copy. Rank 1's next deltas on it must record the
+    true chain depth and stay within max_depth; every step loads bit-exact."""
+    # packs named in descending order: a catch-up that took the first copy it lists would
+    # take rank 1's (written after rank 0's), the one the coordinator did not keep
+    names = iter(range(10**6, 0, -1))
+    monkeypatch.setattr(packs, "new_pack_name", lambda: f"packs/00/{next(names):032d}.pack")
+    opts = dict(OPTS, delta="xor:chain:2:aligned")
+    writers = [StorageWriter(url, cache_dir=str(tmp_path / f"c{r}"), **opts) for r in (0, 1)]
+    a, z = det_floats((1024,), 1), det_floats((1024,), 2)
+    c = a.clone()
+    c[::50] += 1e-3
+    steps = {1: [{"a": a}, {"z": z}], 2: [{"a": c}, {"z": z, "b": c.clone()}]}
+    x = c
+    for step in range(3, 9):
+        x = x.clone()
+        x[::50] += 1e-3 * step
+        steps[step] = [{"a": c}, {"z": z, "b": x}]
+    for step, states in steps.items():
+        _save(writers, states, step)
+    for w in writers:
+        w.close()
+    for cache in ("c0", "fresh"):  # as the coordinator recorded it, and rebuilt
+        with deltackpt.open(url, cache_dir=str(tmp_path / cache)) as s:
+            _check_depths(s)
+            assert max(r["depth"] for r in block_rows(s)) <= 2
+            for step, states in steps.items():
+                got = s.load(step)
+                for part in states:
+                    for key, t in part.items():
+                        assert_state_equal(got[key], t, f"{step}:{key}")
+
+
+def test_renamed_keys_still_dedup(url, tmp_path):
+    """Keys renamed between saves (a model wrapped in another module): no delta base by
+    name, but unchanged blocks are still found stored through the parent."""
+    writers = _writers(url, tmp_path)
+    _save(writers, [_state(0, 1), _state(1, 1)], 1)
+    _save(writers, [_state(0, 1, name="wrapped.r0"), _state(1, 1, name="wrapped.r1")], 2)
+    assert writers[0].last_result.new_chunks == 0
+    for w in writers:
+        w.close()
+
+
+def test_keyframe_policy_catches_up_in_full(url, tmp_path):
+    """Under the keyframe policy a base is a chain's root, which the parent need not
+    reference: the rank catches up in full, and saves go on after delete + gc."""
+    writers = [StorageWriter(url, cache_dir=str(tmp_path / f"c{r}"), delta="xor:keyframe:3",
+                             **OPTS) for r in (0, 1)]
+    expected = {}
+    for step in (1, 2, 3, 4, 5, 6):
+        if step == 5:
+            writers[0]._store.delete(1)
+            writers[0]._store.delete(2)
+            writers[0]._store.gc(repack_threshold=1.0)
+            del expected[1], expected[2]
+        states = [_state(0, step), _state(1, step)]
+        _save(writers, states, step)
+        expected[step] = dict(enumerate(states))
+        assert writers[1]._store.last_refresh != "scoped"
+    for w in writers:
+        w.close()
+    _check_steps(url, tmp_path, expected)
+
+
+def test_the_coordinator_records_true_depths_not_reported_ones(url, tmp_path, monkeypatch):
+    """A rank's view of a chain can be shorter than the copy the store kept: the coordinator
+    computes each new block's depth from its own index."""
+    writers = _writers(url, tmp_path)
+    _save(writers, [_state(0, 1), _state(1, 1)], 1)
+    store1 = _rank_store(writers[1], 1)
+    write = store1._write_new_blocks
+
+    def shallow(*a, **kw):
+        new_blocks, written = write(*a, **kw)
+        return {b: (*v[:6], 0) for b, v in new_blocks.items()}, written
+
+    monkeypatch.setattr(store1, "_write_new_blocks", shallow)
+    for step in (2, 3):
+        _save(writers, [_state(0, step), _state(1, step)], step)
+    for w in writers:
+        w.close()
+    with deltackpt.open(url, cache_dir=str(tmp_path / "c0")) as s:
+        assert max(r["depth"] for r in block_rows(s)) == 2
+        _check_depths(s)
