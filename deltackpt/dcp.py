@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint import storage as dcp_storage
 from torch.distributed.checkpoint.metadata import (
@@ -284,7 +285,10 @@ class StorageWriter(dcp_storage.StorageWriter):
             raise DeltackptError("deltackpt.dcp needs DCP's collectives (use_collectives=True): "
                                  "the coordinator commits every rank's blocks as one step")
         self._is_coordinator = bool(is_coordinator)
-        self._rank = int(kwargs.get("rank") or 0)
+        rank = kwargs.get("rank")
+        if rank is None and dist.is_available() and dist.is_initialized():
+            rank = dist.get_rank()  # a DCP that does not pass it (names the rank's index)
+        self._rank = int(rank or 0)
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
         if self.step is None:
@@ -392,7 +396,7 @@ class StorageWriter(dcp_storage.StorageWriter):
     def finish(self, metadata: Metadata, results: list[list[dcp_storage.WriteResult]]) -> None:
         store = self._writer_store(create=False)
         by_index: dict[tuple[str, tuple[int, ...] | None], dict] = {}
-        blocks: dict[bytes, tuple] = {}
+        copies: dict[bytes, list[tuple]] = {}
         packs: dict[str, int] = {}
         for rank_results in results:
             for wr in rank_results:
@@ -406,9 +410,12 @@ class StorageWriter(dcp_storage.StorageWriter):
                                          "ranks")
                 by_index[key] = sd
                 for bid, loc in sd["blocks"].items():
-                    blocks.setdefault(bid, tuple(loc))  # two ranks may write one new block
+                    copies.setdefault(bid, []).append(tuple(loc))  # two ranks may write one
                 for name, size in sd["packs"]:
                     packs[name] = size
+        # of a block two ranks wrote, the copy with the shortest chain: the one a rebuilt
+        # index keeps too (format.md §13.5)
+        blocks = store._shortest_copies(copies)
         keys: dict[tuple[str, tuple[int, ...] | None], str] = {}
         entries: list[dict[str, Any]] = []
         for fqn, md in metadata.state_dict_metadata.items():

@@ -18,6 +18,7 @@ from typing import Any
 
 from . import summaries
 from .backend import PARTIAL_SUFFIX, Backend, LocalBackend, fsync_path
+from .delta import MAX_CHAIN_HOPS
 from .errors import CorruptionError, FormatVersionError, InvalidStoreError
 from .hashing import ID_SIZE, unpack_ids
 from .index import Index, chunked
@@ -166,18 +167,19 @@ def rebuild_into(idx: Index, backend: Backend, result: ReindexResult, *,
             known.update(idx.query(f"SELECT id, depth FROM blocks WHERE id IN ({marks})",
                                    batch))
     # one id in several frames (a writer with a stale view wrote a stored block again, two
-    # DCP ranks wrote it in one save): keep a frame whose delta chain resolves (a stale copy
-    # may be a delta against a block gc has removed since), the one with the longest chain
-    # among those: a writer that extends it then never passes max_depth, whichever copy the
-    # store's own index recorded
+    # DCP ranks wrote it in one save): keep the frame with the shortest delta chain that
+    # resolves (the first such in pack order on a tie). A stale copy may be a delta against
+    # a block gc has removed since, or against a block that is itself a delta of it (a value
+    # that went X -> Y -> X): a cycle. The shortest chain, because the store's committer
+    # keeps the shortest of the copies it is sent (deltackpt.dcp), and a reader then never
+    # meets a chain longer than the one its writer extended
     for bid, alternatives in others.items():
-        best, best_depth = blocks[bid], -1
+        best, best_depth = blocks[bid], None
         for loc in [blocks[bid], *alternatives]:
             blocks[bid] = loc
-            if not _missing_with_bases({bid}, blocks, known):
-                d = _depth(bid, blocks, dict(known))
-                if d > best_depth:
-                    best, best_depth = loc, d
+            d = _chain_depth(bid, blocks, known)
+            if d is not None and (best_depth is None or d < best_depth):
+                best, best_depth = loc, d
         blocks[bid] = best  # none resolves: the step is reported lost either way
     steps = []
     first_step: dict[bytes, int] = {}
@@ -369,22 +371,62 @@ def _with_bases(ids: set[bytes], blocks: dict[bytes, tuple],
 
 def _missing_with_bases(ids: set[bytes], blocks: dict[bytes, tuple],
                         known: dict[bytes, int] | None = None) -> set[bytes]:
+    """Among ``ids`` and their transitive bases, those whose delta chain does not resolve
+    through ``blocks`` (found frames) to a keyframe or a block of ``known`` (id -> depth):
+    a block found in no pack, a chain that loops back on itself, or one longer than
+    MAX_CHAIN_HOPS hops (readers refuse both). Empty when all of ``ids`` resolve."""
     known = known or {}
-    missing = set()
-    seen = set()
-    todo = list(ids)
-    while todo:
-        bid = todo.pop()
-        if bid in seen or bid in known:
-            continue
-        seen.add(bid)
-        if bid not in blocks:
-            missing.add(bid)
-            continue
-        base = blocks[bid][5]
-        if base is not None:
-            todo.append(base)
-    return missing
+    depth: dict[bytes, int] = {}
+    bad: set[bytes] = set()
+    for start in ids:
+        chain: list[bytes] = []
+        on_chain: set[bytes] = set()
+        cur: bytes | None = start
+        d: int | None
+        while True:
+            if cur is None:
+                d = -1
+                break
+            if cur in known:
+                d = known[cur]
+                break
+            if cur in depth:
+                d = depth[cur]
+                break
+            if cur in bad or cur in on_chain:
+                d = None
+                break
+            if cur not in blocks:
+                bad.add(cur)
+                d = None
+                break
+            chain.append(cur)
+            on_chain.add(cur)
+            cur = blocks[cur][5]
+        for b in reversed(chain):
+            if d is None or d + 1 > MAX_CHAIN_HOPS:
+                d = None
+                bad.add(b)
+            else:
+                d += 1
+                depth[b] = d
+    return bad
+
+
+def _chain_depth(bid: bytes, blocks: dict[bytes, tuple], known: dict[bytes, int]) -> int | None:
+    """Hops from ``bid`` to a keyframe (or a block of ``known``, plus its depth) through
+    ``blocks``; None when the chain does not resolve (see :func:`_missing_with_bases`)."""
+    hops, seen, cur = 0, set(), bid
+    while cur not in known:
+        if cur in seen or cur not in blocks or hops > MAX_CHAIN_HOPS:
+            return None
+        seen.add(cur)
+        base = blocks[cur][5]
+        if base is None:
+            return hops
+        cur, hops = base, hops + 1
+    total = hops + known[cur]
+    return total if total <= MAX_CHAIN_HOPS else None
 
 
 def _depth(bid: bytes, blocks: dict[bytes, tuple], memo: dict[bytes, int]) -> int:

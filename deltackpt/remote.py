@@ -311,10 +311,14 @@ class _ScanCache:
             self.put(name, size, frames)
         with self.lock:
             self.conn.execute("BEGIN IMMEDIATE")
-            self.conn.execute("DELETE FROM written WHERE step=? AND owner=?", (step, owner))
-            self.conn.executemany(
-                "INSERT OR REPLACE INTO written(pack, step, owner) VALUES (?, ?, ?)",
-                [(name, step, owner) for name in packs])
+            try:
+                self.conn.execute("DELETE FROM written WHERE step=? AND owner=?", (step, owner))
+                self.conn.executemany(
+                    "INSERT OR REPLACE INTO written(pack, step, owner) VALUES (?, ?, ?)",
+                    [(name, step, owner) for name in packs])
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
             self.conn.execute("COMMIT")
 
     def written_frames(self, step: int, owner: str,

@@ -607,9 +607,18 @@ class Store:
         """Those of ``ids`` that entries of ``step`` reference."""
         found: set[bytes] = set()
         for (blob,) in self._index.query("SELECT blocks FROM entries WHERE step=?", (step,)):
-            view = memoryview(blob)
-            found.update(b for b in (bytes(view[i:i + ID_SIZE])
-                                     for i in range(0, len(view), ID_SIZE)) if b in ids)
+            found.update(ids.intersection(unpack_ids(blob)))
+        return found
+
+    def _held_by_steps(self, ids: set[bytes]) -> set[bytes]:
+        """Those of ``ids`` whose block row names a step this index still has as the first
+        to need it (so that step references them)."""
+        found: set[bytes] = set()
+        for batch in chunked(list(ids), 500):
+            marks = ",".join("?" * len(batch))
+            found.update(r[0] for r in self._index.query(
+                f"SELECT b.id FROM blocks b JOIN steps s ON s.step = b.first_step "
+                f"WHERE b.id IN ({marks})", batch))
         return found
 
     def _write_new_blocks(self, plans: list[_EntryPlan], step: int, parent: int | None,
@@ -622,7 +631,7 @@ class Store:
         is partial)."""
         all_ids = {bid for p in plans for bid in p.ids}
         known = self._known_blocks(all_ids) if dedup_step is None else \
-            self._referenced_by(dedup_step, all_ids)
+            self._referenced_by(dedup_step, all_ids) | self._held_by_steps(all_ids)
         bases = self._delta_bases(plans, parent) if self.config.delta.enabled else {}
         delta = self.config.delta
         todo: list[tuple[bytes, np.ndarray, int, bytes | None, int, tuple[str, int], bool]] = []
@@ -1411,6 +1420,23 @@ class Store:
             return SaveResult(step, logical, written, len(blocks), total,
                               time.perf_counter() - t0)
 
+    def _shortest_copies(self, copies: dict[bytes, list[tuple]]) -> dict[bytes, tuple]:
+        """One location per block id, of the copies writers reported ((pack, offset, length,
+        raw_len, codec, base, depth)): the one whose base has the shortest chain in this
+        index (a keyframe first), the first reported on a tie."""
+        bases = {c[5] for cs in copies.values() if len(cs) > 1 for c in cs if c[5] is not None}
+        depth_of: dict[bytes, int] = {}
+        for batch in chunked(list(bases), 500):
+            marks = ",".join("?" * len(batch))
+            depth_of.update(self._index.query(
+                f"SELECT id, depth FROM blocks WHERE id IN ({marks})", batch))
+
+        def chain(c: tuple) -> int:
+            return 0 if c[5] is None else depth_of.get(c[5], MAX_CHAIN_HOPS) + 1
+
+        return {bid: min(cs, key=chain) if len(cs) > 1 else cs[0]
+                for bid, cs in copies.items()}
+
     def _with_true_depths(self, blocks: dict[bytes, tuple], where: str,
                           ) -> dict[bytes, tuple]:
         """``blocks`` (new, id -> (pack, offset, length, raw_len, codec, base, depth)) with
@@ -1435,6 +1461,10 @@ class Store:
             for b in reversed(chain):
                 d += 1
                 depth_of[b] = d
+            if depth_of[bid] > MAX_CHAIN_HOPS:
+                raise CorruptionError(f"{where}: block {bid.hex()[:12]} would end a delta chain "
+                                      f"of {depth_of[bid]} hops (readers stop at "
+                                      f"{MAX_CHAIN_HOPS}); nothing was committed")
             v = blocks[bid]
             out[bid] = (*v[:6], depth_of[bid])
         return out

@@ -282,13 +282,13 @@ def test_a_store_open_on_the_ranks_cache_dir_loads_every_step(url, tmp_path):
             w.close()
 
 
-def test_blocks_two_ranks_write_in_one_step(url, tmp_path, monkeypatch):
+@pytest.mark.parametrize("order", ["ascending", "descending"])
+def test_blocks_two_ranks_write_in_one_step(url, tmp_path, monkeypatch, order):
     """Both ranks write the same new block in one save, rank 0 as a delta and rank 1 as a
-    keyframe; the coordinator keeps rank 0's copy. Rank 1's next deltas on it must record the
-    true chain depth and stay within max_depth; every step loads bit-exact."""
-    # packs named in descending order: a catch-up that took the first copy it lists would
-    # take rank 1's (written after rank 0's), the one the coordinator did not keep
-    names = iter(range(10**6, 0, -1))
+    keyframe. The coordinator and a rebuilt index keep the same copy (the shorter chain),
+    whichever pack lists first; depths are true chain lengths within max_depth; every step
+    loads bit-exact."""
+    names = iter(range(10**6, 0, -1) if order == "descending" else range(10**6))
     monkeypatch.setattr(packs, "new_pack_name", lambda: f"packs/00/{next(names):032d}.pack")
     opts = dict(OPTS, delta="xor:chain:2:aligned")
     writers = [StorageWriter(url, cache_dir=str(tmp_path / f"c{r}"), **opts) for r in (0, 1)]
@@ -305,8 +305,10 @@ def test_blocks_two_ranks_write_in_one_step(url, tmp_path, monkeypatch):
         _save(writers, states, step)
     for w in writers:
         w.close()
+    rows = {}
     for cache in ("c0", "fresh"):  # as the coordinator recorded it, and rebuilt
         with deltackpt.open(url, cache_dir=str(tmp_path / cache)) as s:
+            rows[cache] = {r[0]: r[1:] for r in _rows(s)}
             _check_depths(s)
             assert max(r["depth"] for r in block_rows(s)) <= 2
             for step, states in steps.items():
@@ -314,6 +316,7 @@ def test_blocks_two_ranks_write_in_one_step(url, tmp_path, monkeypatch):
                 for part in states:
                     for key, t in part.items():
                         assert_state_equal(got[key], t, f"{step}:{key}")
+    assert {b: rows["fresh"][b] for b in rows["c0"]} == rows["c0"]
 
 
 def test_renamed_keys_still_dedup(url, tmp_path):
@@ -368,3 +371,45 @@ def test_the_coordinator_records_true_depths_not_reported_ones(url, tmp_path, mo
     with deltackpt.open(url, cache_dir=str(tmp_path / "c0")) as s:
         assert max(r["depth"] for r in block_rows(s)) == 2
         _check_depths(s)
+
+
+def test_a_value_that_comes_back_never_makes_a_delta_cycle(url, tmp_path, monkeypatch):
+    """X -> Y -> X at a rank's key: had the rank written X again as a delta of Y (Y being a
+    delta of X), a rebuilt index taking that copy would hold a cycle, and its gc would drop
+    X's keyframe. Every cache loads every step, before and after gc from a fresh cache."""
+    names = iter(range(10**6, 0, -1))  # later packs list first: a stale copy is met first
+    monkeypatch.setattr(packs, "new_pack_name", lambda: f"packs/00/{next(names):032d}.pack")
+    writers = _writers(url, tmp_path)
+    x = det_floats((2048,), 1)
+    y = x.clone()
+    y[::50] += 1e-3
+    other = det_floats((1024,), 5)
+    expected = {}
+    for step, a in ((1, x), (2, y), (3, x)):
+        states = [{"b": {"v": other}}, {"a": {"v": a}}]
+        _save(writers, states, step)
+        expected[step] = dict(enumerate(states))
+    # X is still stored (step 1 holds it): rank 1 wrote nothing at step 3
+    assert writers[1]._store._scans.written_frames(3, "dcp-rank1.sqlite")[0] == {}
+    for w in writers:
+        w.close()
+    _check_steps(url, tmp_path, expected)
+    with deltackpt.open(url, cache_dir=str(tmp_path / "gc")) as s:
+        s.gc()
+    _check_steps(url, tmp_path, expected)
+
+
+def test_rebuild_refuses_cyclic_and_overlong_chains():
+    from deltackpt.reindex import _missing_with_bases
+
+    def frame(base):
+        return ("p", 0, 1, 1, "c", base)
+
+    x, y, z, k = b"x" * 16, b"y" * 16, b"z" * 16, b"k" * 16
+    assert _missing_with_bases({x}, {x: frame(y), y: frame(x)}) == {x, y}
+    assert not _missing_with_bases({x}, {x: frame(y), y: frame(k), k: frame(None)})
+    assert _missing_with_bases({x}, {x: frame(z)}) == {x, z}
+    chain = {bytes([i]) * 16: frame(bytes([i + 1]) * 16 if i < 65 else None) for i in range(66)}
+    assert bytes([0]) * 16 in _missing_with_bases({bytes([0]) * 16}, chain)      # 65 hops
+    assert not _missing_with_bases({bytes([1]) * 16}, chain)                       # 64 hops
+    assert not _missing_with_bases({x}, {x: frame(y)}, known={y: 3})
