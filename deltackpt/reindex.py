@@ -173,14 +173,7 @@ def rebuild_into(idx: Index, backend: Backend, result: ReindexResult, *,
     # that went X -> Y -> X): a cycle. The shortest chain, because the store's committer
     # keeps the shortest of the copies it is sent (deltackpt.dcp), and a reader then never
     # meets a chain longer than the one its writer extended
-    for bid, alternatives in others.items():
-        best, best_depth = blocks[bid], None
-        for loc in [blocks[bid], *alternatives]:
-            blocks[bid] = loc
-            d = _chain_depth(bid, blocks, known)
-            if d is not None and (best_depth is None or d < best_depth):
-                best, best_depth = loc, d
-        blocks[bid] = best  # none resolves: the step is reported lost either way
+    _choose_copies(blocks, others, known)
     steps = []
     first_step: dict[bytes, int] = {}
     taken = set(existing.values())
@@ -411,6 +404,32 @@ def _missing_with_bases(ids: set[bytes], blocks: dict[bytes, tuple],
                 d += 1
                 depth[b] = d
     return bad
+
+
+def _choose_copies(blocks: dict[bytes, tuple], others: dict[bytes, list[tuple]],
+                   known: dict[bytes, int]) -> None:
+    """In place: for each id of ``others`` (its further frames), set ``blocks[id]`` to the
+    frame with the shortest resolving chain, the first found on a tie. One id's choice
+    depends on its bases' choices, so passes repeat until none changes (a choice only ever
+    moves to a strictly shorter chain, or from none resolving to one: it ends)."""
+    frames = {bid: [blocks[bid], *alts] for bid, alts in others.items()}
+    current: dict[bytes, int | None] = {bid: None for bid in frames}
+    for _ in range(len(frames) + 2):
+        changed = False
+        for bid, candidates in frames.items():
+            chosen = blocks[bid]
+            best, best_depth = chosen, _chain_depth(bid, blocks, known)
+            for loc in candidates:
+                blocks[bid] = loc
+                d = _chain_depth(bid, blocks, known)
+                if d is not None and (best_depth is None or d < best_depth):
+                    best, best_depth = loc, d
+            blocks[bid] = best
+            if best is not chosen or best_depth != current[bid]:
+                current[bid] = best_depth
+                changed = changed or best is not chosen
+        if not changed:
+            return
 
 
 def _chain_depth(bid: bytes, blocks: dict[bytes, tuple], known: dict[bytes, int]) -> int | None:

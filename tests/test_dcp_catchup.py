@@ -413,3 +413,20 @@ def test_rebuild_refuses_cyclic_and_overlong_chains():
     assert bytes([0]) * 16 in _missing_with_bases({bytes([0]) * 16}, chain)      # 65 hops
     assert not _missing_with_bases({bytes([1]) * 16}, chain)                       # 64 hops
     assert not _missing_with_bases({x}, {x: frame(y)}, known={y: 3})
+
+
+def test_rebuild_choice_of_copies_reaches_a_fixed_point():
+    """Z has copies Z->A (A gone) and Z->B; B has copies B'->Z (a stale rewrite) and a
+    keyframe. Judged once in that order, Z would keep Z->A; the choice must settle on
+    Z->B over B's keyframe."""
+    from deltackpt.reindex import _choose_copies, _missing_with_bases
+
+    def frame(pack, base):
+        return (pack, 0, 1, 1, "c", base)
+
+    z, a, b = b"z" * 16, b"a" * 16, b"b" * 16
+    blocks = {z: frame("p1", a), b: frame("p2", z)}
+    others = {z: [frame("p3", b)], b: [frame("p4", None)]}
+    _choose_copies(blocks, others, {})
+    assert blocks[z] == frame("p3", b) and blocks[b] == frame("p4", None)
+    assert not _missing_with_bases({z}, blocks)
