@@ -425,10 +425,6 @@ class RemoteStore(Store):
                 if os.path.exists(index_path + suffix):
                     os.unlink(index_path + suffix)
             super().__init__(backend, index_path, config, **kw)  # type: ignore[arg-type]
-        with self._index.write() as conn:
-            # cache-only: the ETag each manifest had when this index took it in
-            conn.execute("CREATE TABLE IF NOT EXISTS cache_manifests "
-                         "(name TEXT PRIMARY KEY, etag TEXT NOT NULL)")
         self.backend: FsspecBackend = backend
         self.lease = Lease(backend, lease_ttl, on_acquire=lambda: self.refresh(check_packs=True))
         self._lock = self.lease  # type: ignore[assignment]  # Store takes it like its flock
@@ -466,20 +462,11 @@ class RemoteStore(Store):
         with self._mutex:
             self._check_open()
             listing = self.backend.list_info(MANIFEST_PREFIX)
-            if is_partial(self._index) or self._manifests_changed(listing):
-                # a DCP rank's catch-ups located only its own blocks, or a manifest this
-                # index holds was rewritten (thin) or its step saved anew: rebuild
+            if is_partial(self._index):
+                # a DCP rank's catch-ups located only its own blocks: locate them all
                 listing.update(self.backend.list_info(PACK_PREFIX))
                 self._scans.forget_missing({n for n in listing if n.startswith(PACK_PREFIX)})
-                result = self._rebuild(_Listed(self.backend, listing), listing)
-            else:
-                result = self._refresh_from(listing, check_packs)
-            self._record_etags(listing)
-            return result
-
-    def _refresh_from(self, listing: dict[str, dict[str, Any]],
-                      check_packs: bool) -> ReindexResult:
-        with self._mutex:
+                return self._rebuild(_Listed(self.backend, listing), listing)
             remote_manifests = {n for n in listing if n.endswith(".manifest")}
             have_manifests = {r[0] for r in self._index.query("SELECT manifest FROM steps")}
             result = ReindexResult()
@@ -506,25 +493,6 @@ class RemoteStore(Store):
                     return result
             return self._rebuild(listed, listing)
 
-    def _manifests_changed(self, listing: dict[str, dict[str, Any]]) -> bool:
-        """Whether a manifest this index holds now has another ETag than when it was read."""
-        for name, etag in self._index.query("SELECT name, etag FROM cache_manifests"):
-            now = listing.get(name, {}).get("etag")
-            if now is not None and now != etag:
-                return True
-        return False
-
-    def _record_etags(self, listing: dict[str, dict[str, Any]]) -> None:
-        """Remember the ETag of each manifest of this index's steps, as ``listing`` saw it."""
-        names = {r[0] for r in self._index.query("SELECT manifest FROM steps")}
-        want = {n: listing[n]["etag"] for n in names
-                if n in listing and listing[n].get("etag") is not None}
-        if want != dict(self._index.query("SELECT name, etag FROM cache_manifests")):
-            with self._index.write() as conn:
-                conn.execute("DELETE FROM cache_manifests")
-                conn.executemany("INSERT INTO cache_manifests(name, etag) VALUES (?, ?)",
-                                 sorted(want.items()))
-
     def catch_up_for_rank(self, parent: int | None, paths: list[str]) -> bool:
         """Catch up just enough for a DCP rank to write ``paths`` of the step after ``parent``,
         without reading other ranks' packs (docs/dcp.md, "scoped catch-up"): one LIST and
@@ -549,8 +517,7 @@ class RemoteStore(Store):
             have = dict(self._index.query("SELECT manifest, step FROM steps"))
             name = manifest_name(parent)
             new = remote - have.keys()
-            if name not in remote or new - {name} or have.get(name, parent) != parent or \
-                    self._manifests_changed(listing):
+            if name not in remote or new - {name} or have.get(name, parent) != parent:
                 return False
             gone = [step for m, step in have.items() if m not in remote]
             if new or gone:
@@ -575,7 +542,6 @@ class RemoteStore(Store):
                     loc.base is not None and loc.base not in located
                     for loc in located.values()):
                 return False
-            self._record_etags(listing)
             self._scans.forget_written_before(parent, self.cache_index)
             self.last_refresh = "scoped"
             return True

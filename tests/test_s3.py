@@ -201,31 +201,6 @@ def test_a_reader_cache_follows_another_writers_delete_and_repack(s3, tmp_path):
         reader.close()
 
 
-def test_a_reader_cache_notices_rewritten_manifests(s3, tmp_path):
-    """Another writer thins a step, and deletes a step and saves new data under its number:
-    the reader's cache lists the same manifest names, with new ETags, and rebuilds, so it
-    never serves a step's old entries (or an old step's data under its number)."""
-    url = f"s3://{s3.prefix()}"
-    with open_s3(s3, url, str(tmp_path / "w")) as w:
-        for step in range(3):
-            w.save(state(step), step=step)
-    reader = open_s3(s3, url, str(tmp_path / "r"))
-    try:
-        assert_state_equal(reader.load(2), state(2))
-        with open_s3(s3, url, str(tmp_path / "w")) as w:
-            w.thin(1, ["model"])
-            w.delete(2)
-            w.save(state(7), step=2)
-        reader.refresh(check_packs=False)
-        assert_state_equal(reader.load(2), state(7))
-        assert reader.last_refresh == "rebuild"
-        assert sorted(reader.load(1)) == ["model"]
-        reader.refresh(check_packs=False)
-        assert reader.last_refresh == "none"
-    finally:
-        reader.close()
-
-
 def test_the_lease_keeps_a_second_writer_out(s3, tmp_path):
     url = f"s3://{s3.prefix()}"
     w1 = open_s3(s3, url, str(tmp_path / "1"))
