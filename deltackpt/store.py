@@ -610,17 +610,6 @@ class Store:
             found.update(ids.intersection(unpack_ids(blob)))
         return found
 
-    def _held_by_steps(self, ids: set[bytes]) -> set[bytes]:
-        """Those of ``ids`` whose block row names a step this index still has as the first
-        to need it (so that step references them)."""
-        found: set[bytes] = set()
-        for batch in chunked(list(ids), 500):
-            marks = ",".join("?" * len(batch))
-            found.update(r[0] for r in self._index.query(
-                f"SELECT b.id FROM blocks b JOIN steps s ON s.step = b.first_step "
-                f"WHERE b.id IN ({marks})", batch))
-        return found
-
     def _write_new_blocks(self, plans: list[_EntryPlan], step: int, parent: int | None,
                           writer: PackWriter, generation: int = 0,
                           dedup_step: int | None = None,
@@ -631,7 +620,7 @@ class Store:
         is partial)."""
         all_ids = {bid for p in plans for bid in p.ids}
         known = self._known_blocks(all_ids) if dedup_step is None else \
-            self._referenced_by(dedup_step, all_ids) | self._held_by_steps(all_ids)
+            self._referenced_by(dedup_step, all_ids)
         bases = self._delta_bases(plans, parent) if self.config.delta.enabled else {}
         delta = self.config.delta
         todo: list[tuple[bytes, np.ndarray, int, bytes | None, int, tuple[str, int], bool]] = []
