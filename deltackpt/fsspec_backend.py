@@ -101,6 +101,8 @@ class FsspecBackend:
         self.before_commit: Callable[[], None] | None = None
         #: requests sent, by S3 operation (benchmarks and tests read it)
         self.requests: dict[str, int] = {}
+        #: ETag of each manifest this backend wrote (S3), until the store records it
+        self.put_etags: dict[str, str] = {}
         self._count_lock = threading.Lock()
         self.readahead = int(readahead)
         self.prefetch = int(prefetch)
@@ -174,7 +176,12 @@ class FsspecBackend:
         self._guard(name)
         self._forget(name)
         if self.is_s3:
-            self.call("put_object", Bucket=self.bucket, Key=self._key(name), Body=bytes(data))
+            resp = self.call("put_object", Bucket=self.bucket, Key=self._key(name),
+                             Body=bytes(data))
+            etag = resp.get("ETag") if isinstance(resp, dict) else None
+            if etag is not None and name.startswith("manifests/"):
+                with self._count_lock:
+                    self.put_etags[name] = etag
         else:
             self.fs.pipe_file(self._path(name), bytes(data))
 

@@ -105,7 +105,8 @@ def scan_packs(backend: Backend, names: list[str]) -> dict[str, Any]:
 def rebuild_into(idx: Index, backend: Backend, result: ReindexResult, *,
                  scan_many: ScanMany | None = None,
                  read_manifest: Callable[[str], bytes] | None = None,
-                 incremental: bool = False, replace: bool = False) -> None:
+                 incremental: bool = False, replace: bool = False,
+                 manifest_etags: dict[str, str | None] | None = None) -> None:
     """Fill ``idx`` from the packs and manifests of ``backend`` (any Backend), in one
     write transaction.
 
@@ -113,7 +114,9 @@ def rebuild_into(idx: Index, backend: Backend, result: ReindexResult, *,
     not name yet, taking blocks it already has as found (a local cache of a remote store
     catching up). ``replace``: empty ``idx`` first (a full rebuild of a cache in place,
     safe for other connections to the same file). Steps that cannot be recovered are
-    reported in ``result.steps_lost``.
+    reported in ``result.steps_lost``. ``manifest_etags`` (a remote store's cache): the ETag
+    each manifest had when listed, recorded in ``cache_manifests`` for the steps added, in
+    the same transaction.
     """
     scan_many = scan_many or (lambda names: scan_packs(backend, names))
     read_manifest = read_manifest or backend.read
@@ -210,6 +213,8 @@ def rebuild_into(idx: Index, backend: Backend, result: ReindexResult, *,
             for table in ("step_stats", "entries", "steps", "blocks", "packs"):
                 conn.execute(f"DELETE FROM {table}")
             conn.execute("DELETE FROM meta WHERE key = ?", (PARTIAL_KEY,))
+            if manifest_etags is not None:
+                conn.execute("DELETE FROM cache_manifests")
         present = {r[0] for r in conn.execute("SELECT step FROM steps")} if incremental \
             else set()
         pack_ids = {}
@@ -251,6 +256,22 @@ def rebuild_into(idx: Index, backend: Backend, result: ReindexResult, *,
             result.steps_recovered.append(step)
         # the keyframe clock goes on past the latest generation any ingested manifest records
         summaries.record_generations(conn, [(m.get("generation"), step) for _n, m, step in steps])
+        if manifest_etags is not None:
+            record_manifest_etags(conn, {n: manifest_etags.get(n) for n, _m, _s in steps})
+
+
+#: a remote store's cache index only: the ETag of each manifest as the cache took it in
+CACHE_MANIFESTS_SQL = ("CREATE TABLE IF NOT EXISTS cache_manifests "
+                       "(name TEXT PRIMARY KEY, etag TEXT NOT NULL)")
+
+
+def record_manifest_etags(conn: Any, etags: dict[str, str | None]) -> None:
+    """Record (or forget, for None) the ETag of manifests whose rows the caller's write
+    transaction holds as of that ETag."""
+    conn.executemany("DELETE FROM cache_manifests WHERE name = ?",
+                     [(n,) for n, e in etags.items() if e is None])
+    conn.executemany("INSERT OR REPLACE INTO cache_manifests(name, etag) VALUES (?, ?)",
+                     [(n, e) for n, e in etags.items() if e is not None])
 
 #: ``meta`` key of a cache index that :func:`ingest_partial` filled: some of its steps'
 #: blocks are not located. Only a DCP rank's own writer reads such a cache; every other use
@@ -265,7 +286,8 @@ def is_partial(idx: Index) -> bool:
 
 def ingest_partial(idx: Index, name: str, manifest: dict[str, Any] | None,
                    frames: dict[bytes, tuple], pack_sizes: dict[str, int],
-                   drop_steps: list[int], own_paths: set[str] | None = None) -> None:
+                   drop_steps: list[int], own_paths: set[str] | None = None,
+                   etag: str | None = None) -> None:
     """Bring a cache index up to one committed step without reading other writers' packs
     (a DCP rank catching up before it writes: deltackpt.remote).
 
@@ -343,6 +365,7 @@ def ingest_partial(idx: Index, name: str, manifest: dict[str, Any] | None,
             "INSERT INTO entries(step, idx, path, kind, dtype, shape, nbytes, block_size, "
             "blocks) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
         summaries.record_generations(conn, [(m.get("generation"), step)])
+        record_manifest_etags(conn, {name: etag})
 
 
 def _with_bases(ids: set[bytes], blocks: dict[bytes, tuple],

@@ -41,7 +41,14 @@ from .fsspec_backend import (
 from .hashing import unpack_ids
 from .index import chunked
 from .packs import MANIFEST_PREFIX, PACK_PREFIX, decode_manifest, manifest_name, scan_pack
-from .reindex import ReindexResult, ingest_partial, is_partial, rebuild_into
+from .reindex import (
+    CACHE_MANIFESTS_SQL,
+    ReindexResult,
+    ingest_partial,
+    is_partial,
+    rebuild_into,
+    record_manifest_etags,
+)
 from .store import CONFIG_NAME, INDEX_NAME, Store, StoreConfig, _new_config, existing_config
 
 LEASE_NAME = "lease.json"
@@ -425,6 +432,9 @@ class RemoteStore(Store):
                 if os.path.exists(index_path + suffix):
                     os.unlink(index_path + suffix)
             super().__init__(backend, index_path, config, **kw)  # type: ignore[arg-type]
+        if not self._index.query("SELECT 1 FROM sqlite_master WHERE name='cache_manifests'"):
+            with self._index.write() as conn:
+                conn.execute(CACHE_MANIFESTS_SQL)
         self.backend: FsspecBackend = backend
         self.lease = Lease(backend, lease_ttl, on_acquire=lambda: self.refresh(check_packs=True))
         self._lock = self.lease  # type: ignore[assignment]  # Store takes it like its flock
@@ -444,6 +454,10 @@ class RemoteStore(Store):
         with self._mutex:
             if self._closed:
                 return
+            try:
+                self._record_own_manifests()
+            except Exception:  # noqa: BLE001 - a missing record costs one rebuild, later
+                pass
             super().close()
             self._scans.close()
 
@@ -462,8 +476,9 @@ class RemoteStore(Store):
         with self._mutex:
             self._check_open()
             listing = self.backend.list_info(MANIFEST_PREFIX)
-            if is_partial(self._index):
-                # a DCP rank's catch-ups located only its own blocks: locate them all
+            if is_partial(self._index) or self._manifests_changed(listing):
+                # a DCP rank's catch-ups located only its own blocks, or a manifest this
+                # cache holds was rewritten (thin) or its step saved anew: rebuild
                 listing.update(self.backend.list_info(PACK_PREFIX))
                 self._scans.forget_missing({n for n in listing if n.startswith(PACK_PREFIX)})
                 return self._rebuild(_Listed(self.backend, listing), listing)
@@ -485,13 +500,37 @@ class RemoteStore(Store):
             if have_manifests <= remote_manifests and have_packs <= remote_packs:
                 rebuild_into(self._index, listed, result, scan_many=self._scan_many,  # type: ignore[arg-type]
                              read_manifest=lambda n: self._manifest(n, listing),
-                             incremental=True)
+                             incremental=True, manifest_etags=_etags(listing))
                 if not result.steps_lost:
                     # the base cache stays: it is keyed by block id, and a block's bytes
                     # never change (a DCP rank keeps the bases of its own last save)
                     self.last_refresh = "incremental"
                     return result
             return self._rebuild(listed, listing)
+
+    def _manifests_changed(self, listing: dict[str, dict[str, Any]]) -> bool:
+        """Whether a manifest of a step this cache holds is listed with an ETag other than
+        the one the cache took it in with, or with one the cache never recorded (a cache of
+        an older version): rewritten by a ``thin``, or its step deleted and saved anew."""
+        self._record_own_manifests()
+        recorded = dict(self._index.query("SELECT name, etag FROM cache_manifests"))
+        for (name,) in self._index.query("SELECT manifest FROM steps"):
+            now = listing.get(name, {}).get("etag")
+            if now is not None and recorded.get(name) != now:
+                return True
+        return False
+
+    def _record_own_manifests(self) -> None:
+        """Record the ETags of the manifests this process wrote (``FsspecBackend.put``) for
+        the steps the cache holds as written: its own saves and thins are not news."""
+        put = self.backend.put_etags
+        if not put:
+            return
+        with self.backend._count_lock:
+            etags, self.backend.put_etags = dict(put), {}
+        held = {r[0] for r in self._index.query("SELECT manifest FROM steps")}
+        with self._index.write() as conn:
+            record_manifest_etags(conn, {n: e for n, e in etags.items() if n in held})
 
     def catch_up_for_rank(self, parent: int | None, paths: list[str]) -> bool:
         """Catch up just enough for a DCP rank to write ``paths`` of the step after ``parent``,
@@ -517,7 +556,8 @@ class RemoteStore(Store):
             have = dict(self._index.query("SELECT manifest, step FROM steps"))
             name = manifest_name(parent)
             new = remote - have.keys()
-            if name not in remote or new - {name} or have.get(name, parent) != parent:
+            if name not in remote or new - {name} or have.get(name, parent) != parent or \
+                    self._manifests_changed(listing):
                 return False
             gone = [step for m, step in have.items() if m not in remote]
             if new or gone:
@@ -526,7 +566,8 @@ class RemoteStore(Store):
                     manifest = decode_manifest(self._manifest(name, listing), name) \
                         if new else None
                     ingest_partial(self._index, name, manifest, frames, sizes, gone,
-                                   own_paths=set(paths))
+                                   own_paths=set(paths),
+                                   etag=listing[name].get("etag") if new else None)
                 except (CorruptionError, FormatVersionError, FileNotFoundError):
                     return False
             ids: set[bytes] = set()
@@ -574,7 +615,8 @@ class RemoteStore(Store):
     def _rebuild(self, listed: _Listed, listing: dict[str, dict[str, Any]]) -> ReindexResult:
         result = ReindexResult()
         rebuild_into(self._index, listed, result, scan_many=self._scan_many,  # type: ignore[arg-type]
-                     read_manifest=lambda n: self._manifest(n, listing), replace=True)
+                     read_manifest=lambda n: self._manifest(n, listing), replace=True,
+                     manifest_etags=_etags(listing))
         self.last_refresh = "rebuild"
         self._base_cache.clear()
         self._delta_hints.clear()
@@ -632,6 +674,7 @@ class RemoteStore(Store):
              tags: Any = None, note: str | None = None) -> Any:
         result = super().save(state, step, metrics=metrics, tags=tags, note=note)
         self._record_own_packs(result.step)
+        self._record_own_manifests()
         return result
 
     save.__doc__ = Store.save.__doc__
@@ -663,6 +706,10 @@ class RemoteStore(Store):
             # another writer's gc removed a pack: catch up before Store.load re-plans
             self.refresh(check_packs=True)
             raise
+
+
+def _etags(listing: dict[str, dict[str, Any]]) -> dict[str, str | None]:
+    return {n: v.get("etag") for n, v in listing.items() if n.startswith(MANIFEST_PREFIX)}
 
 
 def open_remote(target: str | FsspecBackend, *, block_size: int | None = None,

@@ -201,6 +201,54 @@ def test_a_reader_cache_follows_another_writers_delete_and_repack(s3, tmp_path):
         reader.close()
 
 
+def test_caches_notice_manifests_rewritten_under_the_same_name(s3, tmp_path):
+    """Another writer thins a step, and deletes a step and saves new data under its number:
+    the manifest names stay, their ETags change. A reader's cache, and the cache of the
+    writer that made those steps, rebuild, so neither serves a step's old entries (a load
+    then failed with 'the index disagrees with manifest' until a reindex)."""
+    url = f"s3://{s3.prefix()}"
+    with open_s3(s3, url, str(tmp_path / "w")) as w:
+        for step in range(3):
+            w.save(state(step), step=step)
+    reader = open_s3(s3, url, str(tmp_path / "r"))
+    try:
+        assert_state_equal(reader.load(2), state(2))
+        with open_s3(s3, url, str(tmp_path / "other")) as w:
+            w.thin(1, ["model"])
+            w.delete(2)
+            w.save(state(7), step=2)
+        reader.refresh(check_packs=False)
+        with open_s3(s3, url, str(tmp_path / "w")) as writer:  # refreshes on open
+            for cache in (reader, writer):
+                assert cache.last_refresh == "rebuild"
+                assert_state_equal(cache.load(2), state(7))
+                assert sorted(cache.load(1)) == ["model"]
+                cache.refresh(check_packs=False)
+                assert cache.last_refresh == "none"
+    finally:
+        reader.close()
+
+
+def test_a_writers_own_thin_and_saves_do_not_rebuild_its_cache(s3, tmp_path):
+    url = f"s3://{s3.prefix()}"
+    with open_s3(s3, url, str(tmp_path / "w")) as w:
+        for step in range(4):
+            w.save(state(step), step=step)
+            if step:
+                w.thin(step - 1, ["model"])   # the retention pattern: keep old weights only
+            w.gc()
+            assert w.last_refresh != "rebuild"
+    with open_s3(s3, url, str(tmp_path / "w")) as w:
+        assert w.last_refresh == "none"
+        # a cache without the records (an older version's) rebuilds once
+        with w._index.write() as conn:
+            conn.execute("DELETE FROM cache_manifests")
+        w.refresh(check_packs=False)
+        assert w.last_refresh == "rebuild"
+        w.refresh(check_packs=False)
+        assert w.last_refresh == "none"
+
+
 def test_the_lease_keeps_a_second_writer_out(s3, tmp_path):
     url = f"s3://{s3.prefix()}"
     w1 = open_s3(s3, url, str(tmp_path / "1"))
