@@ -179,11 +179,16 @@ class FsspecBackend:
             resp = self.call("put_object", Bucket=self.bucket, Key=self._key(name),
                              Body=bytes(data))
             etag = resp.get("ETag") if isinstance(resp, dict) else None
-            if etag is not None and name.startswith("manifests/"):
-                with self._count_lock:
-                    self.put_etags[name] = etag
         else:
             self.fs.pipe_file(self._path(name), bytes(data))
+            etag = None
+            if name.startswith("manifests/"):
+                # filesystems whose listings carry ETags (gcsfs, adlfs): ask for it
+                info = self.fs.info(self._path(name))
+                etag = info.get("etag") or info.get("ETag")
+        if etag is not None and name.startswith("manifests/"):
+            with self._count_lock:
+                self.put_etags[name] = etag
 
     def read(self, name: str, offset: int = 0, length: int | None = None, *,
              window: bool | None = None) -> bytes:

@@ -454,10 +454,6 @@ class RemoteStore(Store):
         with self._mutex:
             if self._closed:
                 return
-            try:
-                self._record_own_manifests()
-            except Exception:  # noqa: BLE001 - a missing record costs one rebuild, later
-                pass
             super().close()
             self._scans.close()
 
@@ -508,29 +504,26 @@ class RemoteStore(Store):
                     return result
             return self._rebuild(listed, listing)
 
-    def _manifests_changed(self, listing: dict[str, dict[str, Any]]) -> bool:
+    def _manifests_changed(self, listing: dict[str, dict[str, Any]],
+                           names: list[str] | None = None) -> bool:
         """Whether a manifest of a step this cache holds is listed with an ETag other than
         the one the cache took it in with, or with one the cache never recorded (a cache of
-        an older version): rewritten by a ``thin``, or its step deleted and saved anew."""
-        self._record_own_manifests()
+        an older version): rewritten by a ``thin``, or its step deleted and saved anew.
+        With ``names``, only those manifests are compared."""
         recorded = dict(self._index.query("SELECT name, etag FROM cache_manifests"))
-        for (name,) in self._index.query("SELECT manifest FROM steps"):
+        held = {r[0] for r in self._index.query("SELECT manifest FROM steps")}
+        for name in held if names is None else held & set(names):
             now = listing.get(name, {}).get("etag")
             if now is not None and recorded.get(name) != now:
                 return True
         return False
 
-    def _record_own_manifests(self) -> None:
-        """Record the ETags of the manifests this process wrote (``FsspecBackend.put``) for
-        the steps the cache holds as written: its own saves and thins are not news."""
-        put = self.backend.put_etags
-        if not put:
-            return
+    def _manifest_written(self, conn: Any, manifest: str) -> None:
+        # the ETag the PUT returned, recorded with the rows in one transaction: if that
+        # transaction fails the record is not made, and the next refresh rebuilds
         with self.backend._count_lock:
-            etags, self.backend.put_etags = dict(put), {}
-        held = {r[0] for r in self._index.query("SELECT manifest FROM steps")}
-        with self._index.write() as conn:
-            record_manifest_etags(conn, {n: e for n, e in etags.items() if n in held})
+            etag = self.backend.put_etags.pop(manifest, None)
+        record_manifest_etags(conn, {manifest: etag})
 
     def catch_up_for_rank(self, parent: int | None, paths: list[str]) -> bool:
         """Catch up just enough for a DCP rank to write ``paths`` of the step after ``parent``,
@@ -556,8 +549,9 @@ class RemoteStore(Store):
             have = dict(self._index.query("SELECT manifest, step FROM steps"))
             name = manifest_name(parent)
             new = remote - have.keys()
+            # only the parent's rows matter here: the rank dedups against them alone
             if name not in remote or new - {name} or have.get(name, parent) != parent or \
-                    self._manifests_changed(listing):
+                    self._manifests_changed(listing, [name]):
                 return False
             gone = [step for m, step in have.items() if m not in remote]
             if new or gone:
@@ -674,7 +668,6 @@ class RemoteStore(Store):
              tags: Any = None, note: str | None = None) -> Any:
         result = super().save(state, step, metrics=metrics, tags=tags, note=note)
         self._record_own_packs(result.step)
-        self._record_own_manifests()
         return result
 
     save.__doc__ = Store.save.__doc__

@@ -404,6 +404,7 @@ class Store:
             logical = sum(p.data.nbytes for p in plans)
             total = sum(len(p.ids) for p in plans)
             with self._index.write() as conn:
+                self._manifest_written(conn, manifest)
                 pack_ids = {}
                 for name, size in packs:
                     cur = conn.execute(
@@ -1092,6 +1093,7 @@ class Store:
             self.backend.sync()
             crash_point("thin:after-manifest")
             with self._index.write() as conn:
+                self._manifest_written(conn, manifest)
                 for batch in chunked(gone, 500):
                     marks = ",".join("?" * len(batch))
                     conn.execute(f"DELETE FROM entries WHERE step=? AND idx IN ({marks})",
@@ -1389,6 +1391,7 @@ class Store:
             total = sum(len(r[8]) // ID_SIZE for r in rows)
             written = sum(v[2] for v in blocks.values())
             with self._index.write() as conn:
+                self._manifest_written(conn, manifest)
                 pack_ids = {name: conn.execute(
                     "INSERT INTO packs(name, size, created_at) VALUES (?, ?, ?)",
                     (name, size, created)).lastrowid for name, size in sizes.items()}
@@ -1408,6 +1411,10 @@ class Store:
                 summaries.advance_delta_generation(conn, generation, step)
             return SaveResult(step, logical, written, len(blocks), total,
                               time.perf_counter() - t0)
+
+    def _manifest_written(self, conn: Any, manifest: str) -> None:
+        """Called inside the index transaction that commits what ``manifest`` (just
+        written) says; a remote store's cache records the manifest's ETag there."""
 
     def _shortest_copies(self, copies: dict[bytes, list[tuple]]) -> dict[bytes, tuple]:
         """One location per block id, of the copies writers reported ((pack, offset, length,

@@ -432,3 +432,97 @@ def test_rebuild_choice_of_copies_reaches_a_fixed_point():
     _choose_copies(blocks, others, {})
     assert blocks[z] == frame("p3", b) and blocks[b] == frame("p4", None)
     assert not _missing_with_bases({z}, blocks)
+
+
+# -- manifest ETags on a filesystem whose listings carry them (as gcsfs and adlfs do) ---
+def _etag_fs():
+    import hashlib
+
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    class ETagMemoryFS(MemoryFileSystem):
+        protocol = "etagmemory"
+
+        def info(self, path, **kw):
+            out = dict(super().info(path, **kw))
+            if out.get("type") == "file":
+                out["etag"] = hashlib.md5(self.cat_file(path)).hexdigest()
+            return out
+
+        def find(self, path, maxdepth=None, withdirs=False, detail=False, **kw):
+            found = super().find(path, maxdepth=maxdepth, withdirs=withdirs, detail=detail,
+                                 **kw)
+            return {k: self.info(k) for k in found} if detail else found
+
+        def ls(self, path, detail=True, **kw):
+            found = super().ls(path, detail=detail, **kw)
+            if detail:
+                found = [self.info(r["name"]) if r.get("type") == "file" else r for r in found]
+            return found
+
+    return ETagMemoryFS()
+
+
+def test_own_saves_and_thins_never_rebuild_a_cache_on_an_etag_filesystem(url, tmp_path):
+    fs = _etag_fs()
+    with deltackpt.open(url, filesystem=fs, cache_dir=str(tmp_path / "w"), **OPTS) as s:
+        for step in range(4):
+            s.save(_state(0, step), step=step)
+            if step:
+                s.thin(step - 1, ["r0/w"])
+            s.gc()
+            assert s.last_refresh != "rebuild"
+        assert s.backend.list_info("manifests/")[f"manifests/{3:020d}.manifest"]["etag"]
+    with deltackpt.open(url, filesystem=fs, cache_dir=str(tmp_path / "w"), **OPTS) as s:
+        assert s.last_refresh == "none"
+
+
+def test_a_thin_whose_index_commit_failed_is_caught_up(url, tmp_path, monkeypatch):
+    """The manifest was rewritten but the cache's transaction failed: the record of its
+    ETag went with that transaction, so the next refresh rebuilds from the thinned one."""
+    fs = _etag_fs()
+    s = deltackpt.open(url, filesystem=fs, cache_dir=str(tmp_path / "w"), **OPTS)
+    try:
+        for step in range(2):
+            s.save(_state(0, step), step=step)
+
+        def failing(conn, manifest):
+            raise RuntimeError("index write failed")
+
+        monkeypatch.setattr(s, "_manifest_written", failing)
+        with pytest.raises(Exception, match="index write failed"):
+            s.thin(0, ["r0/w"])
+        monkeypatch.undo()
+        assert sorted(s.load(0)["r0"]) == ["m", "w"]          # the cache still has it all
+        s.refresh(check_packs=False)
+        assert s.last_refresh == "rebuild"
+        assert sorted(s.load(0)["r0"]) == ["w"]
+    finally:
+        s.close()
+
+
+def test_ranks_stay_scoped_when_an_older_step_is_thinned(url, tmp_path):
+    """A rank dedups against its parent alone: a thin of an older step is no reason to
+    catch up in full (the parent's manifest is compared by its ETag, the others not)."""
+    fs = _etag_fs()
+    writers = [StorageWriter(url, filesystem=fs, cache_dir=str(tmp_path / f"c{r}"), **OPTS)
+               for r in (0, 1)]
+    expected = {}
+    for step in range(1, 6):
+        states = [_state(0, step), _state(1, step)]
+        _save(writers, states, step)
+        expected[step] = dict(enumerate(states))
+        if step > 1:
+            assert writers[1]._store.last_refresh == "scoped"
+        if step >= 3:
+            writers[0]._store.thin(step - 2, ["__dcp__", "r0.w", "r0.m", "r1.w"])
+    for w in writers:
+        w.close()
+    with deltackpt.open(url, filesystem=fs, cache_dir=str(tmp_path / "fresh")) as s:
+        assert not s.verify().problems
+        for step in (4, 5):
+            got = s.load(step)
+            for part in expected[step].values():
+                for name, part_state in part.items():
+                    for key, t in part_state.items():
+                        assert_state_equal(got[f"{name}.{key}"], t, f"{step}:{name}.{key}")
