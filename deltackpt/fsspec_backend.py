@@ -178,14 +178,17 @@ class FsspecBackend:
         if self.is_s3:
             resp = self.call("put_object", Bucket=self.bucket, Key=self._key(name),
                              Body=bytes(data))
-            etag = resp.get("ETag") if isinstance(resp, dict) else None
+            etag = _etag(resp) if isinstance(resp, dict) else None
         else:
             self.fs.pipe_file(self._path(name), bytes(data))
             etag = None
             if name.startswith("manifests/"):
-                # filesystems whose listings carry ETags (gcsfs, adlfs): ask for it
-                info = self.fs.info(self._path(name))
-                etag = info.get("etag") or info.get("ETag")
+                # filesystems whose listings carry ETags (gcsfs, adlfs): ask for it; without
+                # one the cache records none and its next refresh rebuilds (slow, not wrong)
+                try:
+                    etag = _etag(self.fs.info(self._path(name)))
+                except Exception:  # noqa: BLE001 - the manifest is written; only the record
+                    etag = None
         if etag is not None and name.startswith("manifests/"):
             with self._count_lock:
                 self.put_etags[name] = etag
@@ -394,7 +397,7 @@ class FsspecBackend:
             name = _relative(path, base)
             if name and name.startswith(prefix):
                 out[name] = {"size": int(info.get("size") or 0),
-                             "etag": info.get("ETag") or info.get("etag")}
+                             "etag": _etag(info)}
         return dict(sorted(out.items()))
 
     def _list_pages(self, prefix: str,
@@ -409,7 +412,7 @@ class FsspecBackend:
                              Prefix=self._prefix + prefix, **kw)
             for obj in resp.get("Contents", []):
                 out[obj["Key"][len(self._prefix):]] = {"size": int(obj["Size"]),
-                                                       "etag": obj.get("ETag")}
+                                                       "etag": _etag(obj)}
             pages += 1
             if not resp.get("IsTruncated"):
                 return out
@@ -560,6 +563,16 @@ async def _retry_reads(fs: Any, go: Callable) -> bytes:
 def _protocol(fs: Any) -> str:
     p = fs.protocol
     return p[0] if isinstance(p, (tuple, list)) else str(p)
+
+
+def _etag(info: dict) -> str | None:
+    """An object's ETag as listings and PUT replies give it, normalized (quotes and a weak
+    ``W/`` prefix dropped: S3-compatible servers differ in how they print it)."""
+    raw = info.get("ETag") or info.get("etag")
+    if not isinstance(raw, str) or not raw:
+        return None
+    raw = raw[2:] if raw.startswith("W/") else raw
+    return raw.strip('"') or None
 
 
 def _relative(path: str, base: str) -> str:
