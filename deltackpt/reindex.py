@@ -26,6 +26,11 @@ from .lock import WriterLock
 from .packs import MANIFEST_PREFIX, PACK_PREFIX, decode_manifest, manifest_name, scan_pack
 
 
+class CacheChanged(Exception):
+    """A cache rebuild found that another connection committed to the cache after the
+    rebuild listed the store: it wrote nothing, and may be retried."""
+
+
 @dataclass
 class ReindexResult:
     """What a rebuild found."""
@@ -106,7 +111,8 @@ def rebuild_into(idx: Index, backend: Backend, result: ReindexResult, *,
                  scan_many: ScanMany | None = None,
                  read_manifest: Callable[[str], bytes] | None = None,
                  incremental: bool = False, replace: bool = False,
-                 manifest_etags: dict[str, str | None] | None = None) -> None:
+                 manifest_etags: dict[str, str | None] | None = None,
+                 expect_version: int | None = None) -> None:
     """Fill ``idx`` from the packs and manifests of ``backend`` (any Backend), in one
     write transaction.
 
@@ -116,7 +122,10 @@ def rebuild_into(idx: Index, backend: Backend, result: ReindexResult, *,
     safe for other connections to the same file). Steps that cannot be recovered are
     reported in ``result.steps_lost``. ``manifest_etags`` (a remote store's cache): the ETag
     each manifest had when listed, recorded in ``cache_manifests`` for the steps added, in
-    the same transaction.
+    the same transaction. ``expect_version``: ``PRAGMA data_version`` of ``idx``'s connection
+    before the caller listed the store; if another connection committed to ``idx`` since,
+    :class:`CacheChanged` is raised and nothing is written (what was read may be older than
+    what that connection wrote).
     """
     scan_many = scan_many or (lambda names: scan_packs(backend, names))
     read_manifest = read_manifest or backend.read
@@ -209,6 +218,9 @@ def rebuild_into(idx: Index, backend: Backend, result: ReindexResult, *,
                                    f"{manifest_name(step)}); recovered under this name")
     used = {bid for bid in first_step}
     with idx.write() as conn:
+        if expect_version is not None and \
+                conn.execute("PRAGMA data_version").fetchone()[0] != expect_version:
+            raise CacheChanged("another process wrote to the cache during the rebuild")
         if replace:
             for table in ("step_stats", "entries", "steps", "blocks", "packs"):
                 conn.execute(f"DELETE FROM {table}")

@@ -43,6 +43,7 @@ from .index import chunked
 from .packs import MANIFEST_PREFIX, PACK_PREFIX, decode_manifest, manifest_name, scan_pack
 from .reindex import (
     CACHE_MANIFESTS_SQL,
+    CacheChanged,
     ReindexResult,
     ingest_partial,
     is_partial,
@@ -52,6 +53,8 @@ from .reindex import (
 from .store import CONFIG_NAME, INDEX_NAME, Store, StoreConfig, _new_config, existing_config
 
 LEASE_NAME = "lease.json"
+#: times a refresh starts over when another process commits to the shared cache meanwhile
+_REFRESH_ATTEMPTS = 8
 DEFAULT_LEASE_TTL = 60.0
 #: packs of a remote store rotate at this size (a local store's: 512 MiB), so that each is
 #: one PUT sent in the background while the save encodes the next (docs/object-storage.md)
@@ -441,6 +444,7 @@ class RemoteStore(Store):
         backend.before_commit = self.lease.check
         #: what the last :meth:`refresh` did: "none", "incremental" or "rebuild"
         self.last_refresh = "none"
+        self._expect_version: int | None = None
         if not catch_up_on_open:
             return  # a DCP rank: catch_up_for_rank or refresh before it writes
         try:
@@ -471,6 +475,24 @@ class RemoteStore(Store):
         """
         with self._mutex:
             self._check_open()
+            # another process sharing this cache may commit to it between this listing and
+            # the rebuild's commit (a writer's save, thin or gc): the rebuild then writes
+            # nothing and starts over, or it would put back what that process replaced
+            for _ in range(_REFRESH_ATTEMPTS):
+                self._expect_version = self._index.query("PRAGMA data_version")[0][0]
+                try:
+                    return self._refresh_once(check_packs)
+                except CacheChanged:
+                    continue
+                finally:
+                    self._expect_version = None
+            raise StoreLockedError(f"{self.location}: the cache in {self.cache_dir} kept "
+                                   "changing under this refresh (other processes sharing it "
+                                   "are writing); try again, or give this process a "
+                                   "cache_dir of its own")
+
+    def _refresh_once(self, check_packs: bool) -> ReindexResult:
+        with self._mutex:
             listing = self.backend.list_info(MANIFEST_PREFIX)
             if is_partial(self._index) or self._manifests_changed(listing):
                 # a DCP rank's catch-ups located only its own blocks, or a manifest this
@@ -496,7 +518,8 @@ class RemoteStore(Store):
             if have_manifests <= remote_manifests and have_packs <= remote_packs:
                 rebuild_into(self._index, listed, result, scan_many=self._scan_many,  # type: ignore[arg-type]
                              read_manifest=lambda n: self._manifest(n, listing),
-                             incremental=True, manifest_etags=_etags(listing))
+                             incremental=True, manifest_etags=_etags(listing),
+                             expect_version=self._expect_version)
                 if not result.steps_lost:
                     # the base cache stays: it is keyed by block id, and a block's bytes
                     # never change (a DCP rank keeps the bases of its own last save)
@@ -610,7 +633,7 @@ class RemoteStore(Store):
         result = ReindexResult()
         rebuild_into(self._index, listed, result, scan_many=self._scan_many,  # type: ignore[arg-type]
                      read_manifest=lambda n: self._manifest(n, listing), replace=True,
-                     manifest_etags=_etags(listing))
+                     manifest_etags=_etags(listing), expect_version=self._expect_version)
         self.last_refresh = "rebuild"
         self._base_cache.clear()
         self._delta_hints.clear()

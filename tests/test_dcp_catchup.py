@@ -526,3 +526,36 @@ def test_ranks_stay_scoped_when_an_older_step_is_thinned(url, tmp_path):
                 for name, part_state in part.items():
                     for key, t in part_state.items():
                         assert_state_equal(got[f"{name}.{key}"], t, f"{step}:{name}.{key}")
+
+
+def test_a_rebuild_never_puts_back_what_a_process_sharing_the_cache_wrote(url, tmp_path):
+    """A reader's rebuild lists the store, then the writer sharing its cache directory
+    commits a new step, then the rebuild would replace the cache with what it listed:
+    it starts over instead (the writer's gc would otherwise delete that step's pack)."""
+    shared = str(tmp_path / "shared")
+    writer = deltackpt.open(url, cache_dir=shared, **OPTS)
+    reader = deltackpt.open(url, cache_dir=shared, **OPTS)
+    try:
+        for step in (0, 1):
+            writer.save(_state(0, step), step=step)
+        reader.refresh(check_packs=False)
+        with reader._index.write() as conn:  # make its next refresh a full rebuild
+            conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('cache_partial', '1')")
+        read = reader._manifest
+        calls = []
+
+        def read_then_writer_saves(name, listing):
+            if not calls:
+                writer.save(_state(0, 2), step=2)       # after the reader's listing
+            calls.append(name)
+            return read(name, listing)
+
+        reader._manifest = read_then_writer_saves
+        reader.refresh(check_packs=False)
+        assert reader.last_refresh == "rebuild"
+        assert reader.steps() == [0, 1, 2]
+        writer.gc()
+        assert_state_equal(writer.load(2)["r0"], _state(0, 2)["r0"])
+    finally:
+        reader.close()
+        writer.close()
