@@ -445,6 +445,7 @@ class RemoteStore(Store):
         #: what the last :meth:`refresh` did: "none", "incremental" or "rebuild"
         self.last_refresh = "none"
         self._expect_version: int | None = None
+        self._gc_version: int | None = None
         if not catch_up_on_open:
             return  # a DCP rank: catch_up_for_rank or refresh before it writes
         try:
@@ -540,6 +541,14 @@ class RemoteStore(Store):
             if now is not None and recorded.get(name) != now:
                 return True
         return False
+
+    _index_shared = True
+
+    def _may_delete_leftovers(self) -> bool:
+        # another process sharing this cache committed during the gc (a rebuild from a
+        # listing taken mid-gc may not name what this gc just committed): leave leftovers
+        # to the next gc rather than trust it
+        return self._index.query("PRAGMA data_version")[0][0] == self._gc_version
 
     def _manifest_written(self, conn: Any, manifest: str) -> None:
         # the ETag the PUT returned, recorded with the rows in one transaction: if that
@@ -707,6 +716,7 @@ class RemoteStore(Store):
                 self.refresh(check_packs=True)
             else:
                 self._become_writer()
+            self._gc_version = self._index.query("PRAGMA data_version")[0][0]
         result = super().gc(repack_threshold, progress)
         started = self.lease.acquired_at
         if started is not None:

@@ -1045,6 +1045,14 @@ class Store:
             crash_point("delete:after-commit")
             self.backend.delete(row[0])
             self.backend.sync()
+            if not self._index_shared:
+                return
+            with self._index.write() as conn:
+                # a process sharing this index (a remote store's cache) may have added the
+                # step back from its still-listed manifest in between: remove it again
+                conn.execute("DELETE FROM entries WHERE step=? AND step IN "
+                             "(SELECT step FROM steps WHERE manifest=?)", (step, row[0]))
+                conn.execute("DELETE FROM steps WHERE step=? AND manifest=?", (step, row[0]))
 
     @_storage_errors("thin", step_arg=0)
     def thin(self, step: int, keep: Sequence[str] | str) -> int:
@@ -1200,13 +1208,18 @@ class Store:
                 self.backend.delete(name)
                 if i == 0:
                     crash_point("gc:mid-delete")
-            # leftovers: objects the index does not reference
+            # leftovers: objects the index does not reference (never the packs this gc just
+            # wrote, whatever the index says by now)
+            written_now = self._repack_new if sparse else set()
             known_packs = {r[0] for r in self._index.query("SELECT name FROM packs")}
             known_manifests = {r[0] for r in self._index.query("SELECT manifest FROM steps")}
             leftovers = 0
-            for name in self.backend.list(PACK_PREFIX) + self.backend.list(MANIFEST_PREFIX):
+            names = self.backend.list(PACK_PREFIX) + self.backend.list(MANIFEST_PREFIX) \
+                if self._may_delete_leftovers() else []
+            for name in names:
                 base = name[:-len(PARTIAL_SUFFIX)] if name.endswith(PARTIAL_SUFFIX) else None
-                if base is None and (name in known_packs or name in known_manifests):
+                if base is None and (name in known_packs or name in known_manifests
+                                     or name in written_now):
                     continue
                 freed += packs_size(self.backend, name)
                 self.backend.delete(name)
@@ -1245,6 +1258,7 @@ class Store:
                         crash_point("gc:mid-repack-write")
             new_packs = writer.finish()
             self._repack_written = sum(size for _, size in new_packs)
+            self._repack_new = {name for name, _ in new_packs}
             self.backend.sync()
         except BaseException:
             writer.abort()
@@ -1411,6 +1425,14 @@ class Store:
                 summaries.advance_delta_generation(conn, generation, step)
             return SaveResult(step, logical, written, len(blocks), total,
                               time.perf_counter() - t0)
+
+    #: whether other processes write this index too (a remote store's cache directory)
+    _index_shared = False
+
+    def _may_delete_leftovers(self) -> bool:
+        """Whether gc may trust this index to name every committed object now (a remote
+        store's cache that another process rewrote during the gc may not)."""
+        return True
 
     def _manifest_written(self, conn: Any, manifest: str) -> None:
         """Called inside the index transaction that commits what ``manifest`` (just

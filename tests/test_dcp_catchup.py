@@ -559,3 +559,67 @@ def test_a_rebuild_never_puts_back_what_a_process_sharing_the_cache_wrote(url, t
     finally:
         reader.close()
         writer.close()
+
+
+def test_gc_keeps_what_it_wrote_when_a_reader_rebuilds_the_shared_cache_meanwhile(
+        url, tmp_path, monkeypatch):
+    """A reader's rebuild runs while gc deletes the packs it has just repacked: the rebuild
+    may name the old copies, not the new pack; gc must not then delete the new pack (or
+    any other 'leftover') on the word of that cache."""
+    names = iter(range(10**6))  # new packs list after old ones: a rebuild keeps old copies
+    monkeypatch.setattr(packs, "new_pack_name", lambda: f"packs/00/{next(names):032d}.pack")
+    shared = str(tmp_path / "shared")
+    writer = deltackpt.open(url, cache_dir=shared, **OPTS)
+    reader = deltackpt.open(url, cache_dir=shared, **OPTS)
+    try:
+        for step in range(3):
+            writer.save(_state(0, step), step=step)
+        writer.delete(1)
+        delete = writer.backend.delete
+        seen = []
+
+        def delete_while_the_reader_rebuilds(name):
+            if name.startswith("packs/") and not seen:
+                seen.append(name)
+                with reader._index.write() as conn:
+                    conn.execute("INSERT OR REPLACE INTO meta(key, value) "
+                                 "VALUES ('cache_partial', '1')")
+                reader.refresh(check_packs=False)
+            return delete(name)
+
+        monkeypatch.setattr(writer.backend, "delete", delete_while_the_reader_rebuilds)
+        assert writer.gc(repack_threshold=1.0).packs_rewritten
+        assert seen
+    finally:
+        reader.close()
+        writer.close()
+    with deltackpt.open(url, cache_dir=str(tmp_path / "fresh")) as s:
+        assert s.steps() == [0, 2]
+        for step in (0, 2):
+            assert_state_equal(s.load(step)["r0"], _state(0, step)["r0"])
+
+
+def test_a_deleted_step_does_not_come_back_through_a_reader_sharing_the_cache(
+        url, tmp_path, monkeypatch):
+    shared = str(tmp_path / "shared")
+    writer = deltackpt.open(url, cache_dir=shared, **OPTS)
+    reader = deltackpt.open(url, cache_dir=shared, **OPTS)
+    try:
+        for step in range(3):
+            writer.save(_state(0, step), step=step)
+        delete = writer.backend.delete
+
+        def reader_refreshes_first(name):
+            if name.startswith("manifests/"):
+                reader.refresh(check_packs=False)  # the manifest is still listed
+            return delete(name)
+
+        monkeypatch.setattr(writer.backend, "delete", reader_refreshes_first)
+        writer.delete(2)
+        monkeypatch.undo()
+        assert writer.steps() == [0, 1]
+        writer.save(_state(1, 2), step=2)              # new data under the same number
+        assert_state_equal(writer.load(2)["r1"], _state(1, 2)["r1"])
+    finally:
+        reader.close()
+        writer.close()
