@@ -9,6 +9,7 @@ the same index as a fresh one once anything else uses it.
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 
 import pytest
@@ -528,19 +529,35 @@ def test_ranks_stay_scoped_when_an_older_step_is_thinned(url, tmp_path):
                         assert_state_equal(got[f"{name}.{key}"], t, f"{step}:{name}.{key}")
 
 
-def test_a_rebuild_never_puts_back_what_a_process_sharing_the_cache_wrote(url, tmp_path):
-    """A reader's rebuild lists the store, then the writer sharing its cache directory
-    commits a new step, then the rebuild would replace the cache with what it listed:
-    it starts over instead (the writer's gc would otherwise delete that step's pack)."""
+@contextlib.contextmanager
+def _writer_and_reader(url: str, tmp_path, steps: int):
+    """A writer that saved ``steps`` steps and a reader, sharing one cache directory (as
+    processes of one machine do by default)."""
     shared = str(tmp_path / "shared")
     writer = deltackpt.open(url, cache_dir=shared, **OPTS)
     reader = deltackpt.open(url, cache_dir=shared, **OPTS)
     try:
-        for step in (0, 1):
+        for step in range(steps):
             writer.save(_state(0, step), step=step)
+        yield writer, reader
+    finally:
+        reader.close()
+        writer.close()
+
+
+def _rebuild_now(store) -> None:
+    """Make ``store``'s cache rebuild in full on its next refresh, and refresh it."""
+    with store._index.write() as conn:
+        conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('cache_partial', '1')")
+    store.refresh(check_packs=False)
+
+
+def test_a_rebuild_never_puts_back_what_a_process_sharing_the_cache_wrote(url, tmp_path):
+    """A reader's rebuild lists the store, then the writer sharing its cache directory
+    commits a new step, then the rebuild would replace the cache with what it listed:
+    it starts over instead (the writer's gc would otherwise delete that step's pack)."""
+    with _writer_and_reader(url, tmp_path, 2) as (writer, reader):
         reader.refresh(check_packs=False)
-        with reader._index.write() as conn:  # make its next refresh a full rebuild
-            conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('cache_partial', '1')")
         read = reader._manifest
         calls = []
 
@@ -551,14 +568,11 @@ def test_a_rebuild_never_puts_back_what_a_process_sharing_the_cache_wrote(url, t
             return read(name, listing)
 
         reader._manifest = read_then_writer_saves
-        reader.refresh(check_packs=False)
+        _rebuild_now(reader)
         assert reader.last_refresh == "rebuild"
         assert reader.steps() == [0, 1, 2]
         writer.gc()
         assert_state_equal(writer.load(2)["r0"], _state(0, 2)["r0"])
-    finally:
-        reader.close()
-        writer.close()
 
 
 def test_gc_keeps_what_it_wrote_when_a_reader_rebuilds_the_shared_cache_meanwhile(
@@ -568,12 +582,7 @@ def test_gc_keeps_what_it_wrote_when_a_reader_rebuilds_the_shared_cache_meanwhil
     any other 'leftover') on the word of that cache."""
     names = iter(range(10**6))  # new packs list after old ones: a rebuild keeps old copies
     monkeypatch.setattr(packs, "new_pack_name", lambda: f"packs/00/{next(names):032d}.pack")
-    shared = str(tmp_path / "shared")
-    writer = deltackpt.open(url, cache_dir=shared, **OPTS)
-    reader = deltackpt.open(url, cache_dir=shared, **OPTS)
-    try:
-        for step in range(3):
-            writer.save(_state(0, step), step=step)
+    with _writer_and_reader(url, tmp_path, 3) as (writer, reader):
         writer.delete(1)
         delete = writer.backend.delete
         seen = []
@@ -581,18 +590,12 @@ def test_gc_keeps_what_it_wrote_when_a_reader_rebuilds_the_shared_cache_meanwhil
         def delete_while_the_reader_rebuilds(name):
             if name.startswith("packs/") and not seen:
                 seen.append(name)
-                with reader._index.write() as conn:
-                    conn.execute("INSERT OR REPLACE INTO meta(key, value) "
-                                 "VALUES ('cache_partial', '1')")
-                reader.refresh(check_packs=False)
+                _rebuild_now(reader)
             return delete(name)
 
         monkeypatch.setattr(writer.backend, "delete", delete_while_the_reader_rebuilds)
         assert writer.gc(repack_threshold=1.0).packs_rewritten
         assert seen
-    finally:
-        reader.close()
-        writer.close()
     with deltackpt.open(url, cache_dir=str(tmp_path / "fresh")) as s:
         assert s.steps() == [0, 2]
         for step in (0, 2):
@@ -601,12 +604,7 @@ def test_gc_keeps_what_it_wrote_when_a_reader_rebuilds_the_shared_cache_meanwhil
 
 def test_a_deleted_step_does_not_come_back_through_a_reader_sharing_the_cache(
         url, tmp_path, monkeypatch):
-    shared = str(tmp_path / "shared")
-    writer = deltackpt.open(url, cache_dir=shared, **OPTS)
-    reader = deltackpt.open(url, cache_dir=shared, **OPTS)
-    try:
-        for step in range(3):
-            writer.save(_state(0, step), step=step)
+    with _writer_and_reader(url, tmp_path, 3) as (writer, reader):
         delete = writer.backend.delete
 
         def reader_refreshes_first(name):
@@ -620,6 +618,3 @@ def test_a_deleted_step_does_not_come_back_through_a_reader_sharing_the_cache(
         assert writer.steps() == [0, 1]
         writer.save(_state(1, 2), step=2)              # new data under the same number
         assert_state_equal(writer.load(2)["r1"], _state(1, 2)["r1"])
-    finally:
-        reader.close()
-        writer.close()
