@@ -257,6 +257,9 @@ class DeltaCheckpointIO(_CheckpointIO):
         self._snap_busy: list[Future | None] = [None] * max_pending
         self._next_snap = 0
         self._sync_saves = 0  # sync saves running now (AsyncCheckpointIO calls from its thread)
+        # sync saves have come from a thread other than the main one: AsyncCheckpointIO's,
+        # whose queue may hold saves of files Lightning removes meanwhile
+        self._saves_off_main = False
         self._queued: dict[str, int] = {}  # path -> saves submitted to the worker, not done
         #: paths removed before their save reached us (see remove_checkpoint)
         self._tombstones: dict[str, int] = {}
@@ -354,6 +357,8 @@ class DeltaCheckpointIO(_CheckpointIO):
         if not self.async_save:
             with self._lock:
                 self._sync_saves += 1
+                if threading.current_thread() is not threading.main_thread():
+                    self._saves_off_main = True
             try:
                 fut = self._submit(self._save_job, checkpoint, target, record, background=False)
                 try:
@@ -450,10 +455,13 @@ class DeltaCheckpointIO(_CheckpointIO):
             # synchronous like Lightning's IO; but never wait behind a save that
             # AsyncCheckpointIO runs in its thread: the space comes back after it
             background = self.async_save or self._sync_saves > 0
-            if self._sync_saves > 0 and not exists and target not in paths and \
-                    target not in self._queued:
-                # AsyncCheckpointIO's single thread is busy in a save here, so the save of
-                # this file may still wait in its queue: drop it when it reaches us
+            if (self._sync_saves > 0 or self._saves_off_main) and not exists and \
+                    target not in paths and target not in self._queued:
+                # saves come from AsyncCheckpointIO's thread, and this file was never saved
+                # here: its save may still wait in that queue (whether the thread is in
+                # another save or between two), so drop it when it reaches us. Lightning
+                # never saves a file again under a name it removed (top-k names carry the
+                # step; it keeps last.ckpt when the name repeats)
                 self._tombstones[target] = self._tombstones.get(target, 0) + 1
         fut = self._submit(self._remove_job, target, background=background)
         if not background:
@@ -490,6 +498,7 @@ class DeltaCheckpointIO(_CheckpointIO):
             self._snap_busy = [None] * self.max_pending
             with self._lock:
                 self._tombstones.clear()
+                self._saves_off_main = False
             if self._store_path is not None and self._store is not None:
                 self._store.close()
                 self._store = None

@@ -200,6 +200,40 @@ def test_overwrite_replaces_the_step_and_a_shared_step_survives(tmp_path):
     io.teardown()
 
 
+def test_a_save_still_queued_in_async_checkpoint_io_when_its_file_is_removed(tmp_path):
+    """Lightning's AsyncCheckpointIO saves in its one thread and removes in the caller's.
+    Top-k can remove a file whose save still waits in that queue while the thread is busy
+    with something else (between two saves): the save must then be dropped when it comes,
+    not leave a checkpoint Lightning thinks is gone."""
+    import concurrent.futures
+    import threading
+
+    io = DeltaCheckpointIO(str(tmp_path / "store"))
+    ck = tmp_path / "ck"
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)  # AsyncCheckpointIO's
+    try:
+        pool.submit(io.save_checkpoint, {"global_step": 1, "x": torch.ones(3)},
+                    str(ck / "epoch=0.ckpt")).result()
+        gate = threading.Event()
+        pool.submit(gate.wait)                         # the thread is busy, not in a save
+        queued = pool.submit(io.save_checkpoint, {"global_step": 2, "x": torch.zeros(3)},
+                             str(ck / "epoch=1.ckpt"))
+        io.remove_checkpoint(str(ck / "epoch=1.ckpt"))  # top-k drops it before it is saved
+        gate.set()
+        queued.result()
+        io.wait()
+        assert sorted(os.listdir(ck)) == ["epoch=0.ckpt"]
+        assert sorted(os.path.basename(p) for p in io._mapping()) == ["epoch=0.ckpt"]
+        assert io.store.steps() == [1]
+        # a later save under another name is not affected
+        pool.submit(io.save_checkpoint, {"global_step": 3, "x": torch.ones(3)},
+                    str(ck / "epoch=2.ckpt")).result()
+        assert sorted(os.listdir(ck)) == ["epoch=0.ckpt", "epoch=2.ckpt"]
+    finally:
+        pool.shutdown(wait=True)
+        io.teardown()
+
+
 def test_leftover_steps_of_a_path_go_at_its_next_save(tmp_path):
     """A crash between commit and deleting the replaced step leaves two steps for a path."""
     store_dir, path = str(tmp_path / "store"), str(tmp_path / "ck" / "last.ckpt")
