@@ -405,31 +405,32 @@ class Store:
             total = sum(len(p.ids) for p in plans)
             with self._index.write() as conn:
                 self._manifest_written(conn, manifest)
-                pack_ids = {}
-                for name, size in packs:
-                    cur = conn.execute(
-                        "INSERT INTO packs(name, size, created_at) VALUES (?, ?, ?)",
-                        (name, size, created))
-                    pack_ids[name] = cur.lastrowid
-                summaries.insert_blocks(
-                    conn, [(bid, pack_ids[pk], off, ln, raw, cd, base, depth, step)
-                           for bid, (pk, off, ln, raw, cd, base, depth) in new_blocks.items()])
-                conn.execute(
-                    "INSERT INTO steps(step, created_at, metrics, tags, note, tree, "
-                    "logical_bytes, written_bytes, new_chunks, total_chunks, parent, manifest) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (step, created, metrics_json, json.dumps(tags_list), note, tree_json,
-                     logical, written, len(new_blocks), total, parent, manifest),
-                )
-                conn.executemany(
-                    "INSERT INTO entries(step, idx, path, kind, dtype, shape, nbytes, "
-                    "block_size, blocks) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [(step, p.leaf.index, p.leaf.path, p.leaf.kind, p.leaf.dtype,
-                      json.dumps(list(p.leaf.shape)), p.data.nbytes,
-                      p.spans[0][1] if p.spans else 0, b"".join(p.ids)) for p in plans],
-                )
-                summaries.record(conn, [step])
-                summaries.advance_delta_generation(conn, generation, step)
+                if not self._taken_in_already(conn, step, manifest, created):
+                    pack_ids = {}
+                    for name, size in packs:
+                        cur = conn.execute(
+                            "INSERT INTO packs(name, size, created_at) VALUES (?, ?, ?)",
+                            (name, size, created))
+                        pack_ids[name] = cur.lastrowid
+                    summaries.insert_blocks(
+                        conn, [(bid, pack_ids[pk], off, ln, raw, cd, base, depth, step)
+                               for bid, (pk, off, ln, raw, cd, base, depth) in new_blocks.items()])
+                    conn.execute(
+                        "INSERT INTO steps(step, created_at, metrics, tags, note, tree, "
+                        "logical_bytes, written_bytes, new_chunks, total_chunks, parent, manifest) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (step, created, metrics_json, json.dumps(tags_list), note, tree_json,
+                         logical, written, len(new_blocks), total, parent, manifest),
+                    )
+                    conn.executemany(
+                        "INSERT INTO entries(step, idx, path, kind, dtype, shape, nbytes, "
+                        "block_size, blocks) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        [(step, p.leaf.index, p.leaf.path, p.leaf.kind, p.leaf.dtype,
+                          json.dumps(list(p.leaf.shape)), p.data.nbytes,
+                          p.spans[0][1] if p.spans else 0, b"".join(p.ids)) for p in plans],
+                    )
+                    summaries.record(conn, [step])
+                    summaries.advance_delta_generation(conn, generation, step)
                 crash_point("save:before-commit")
             crash_point("save:after-commit")
             self._refresh_after_commit(plans, new_blocks, step)
@@ -1428,6 +1429,16 @@ class Store:
 
     #: whether other processes write this index too (a remote store's cache directory)
     _index_shared = False
+
+    def _taken_in_already(self, conn: Any, step: int, manifest: str, created: float) -> bool:
+        """Whether, in a save's index transaction, another process sharing the index took
+        the step in from the manifest this save has just written (a remote store's cache):
+        then its rows are this save's, and inserting them again would fail the save."""
+        if not self._index_shared:
+            return False
+        row = conn.execute("SELECT manifest, created_at FROM steps WHERE step=?",
+                           (step,)).fetchone()
+        return row is not None and row[0] == manifest and row[1] == created
 
     def _may_delete_leftovers(self) -> bool:
         """Whether gc may trust this index to name every committed object now (a remote

@@ -618,3 +618,25 @@ def test_a_deleted_step_does_not_come_back_through_a_reader_sharing_the_cache(
         assert writer.steps() == [0, 1]
         writer.save(_state(1, 2), step=2)              # new data under the same number
         assert_state_equal(writer.load(2)["r1"], _state(1, 2)["r1"])
+
+
+def test_a_save_whose_step_a_reader_took_in_first_succeeds(url, tmp_path, monkeypatch):
+    """A reader sharing the cache refreshes between the writer's manifest PUT and the
+    writer's own index transaction: it takes the step in from that manifest. The save
+    succeeds (it failed with 'UNIQUE constraint failed' though the step was committed)."""
+    with _writer_and_reader(url, tmp_path, 1) as (writer, reader):
+        put = writer.backend.put
+
+        def put_then_reader_refreshes(name, data):
+            put(name, data)
+            if name.startswith("manifests/"):
+                reader.refresh(check_packs=False)
+
+        monkeypatch.setattr(writer.backend, "put", put_then_reader_refreshes)
+        result = writer.save(_state(0, 1), step=1)
+        monkeypatch.undo()
+        assert result.step == 1 and reader.steps() == writer.steps() == [0, 1]
+        assert_state_equal(writer.load(1)["r0"], _state(0, 1)["r0"])
+        writer.save(_state(0, 2), step=2)                # and the next save deltas as usual
+        assert writer.info(2).new_chunks < writer.info(2).total_chunks
+        assert not writer.verify().problems
