@@ -229,12 +229,7 @@ def rebuild_into(idx: Index, backend: Backend, result: ReindexResult, *,
                 conn.execute("DELETE FROM cache_manifests")
         present = {r[0] for r in conn.execute("SELECT step FROM steps")} if incremental \
             else set()
-        pack_ids = {}
-        for name in sorted({blocks[b][0] for b in used}):
-            conn.execute("INSERT OR IGNORE INTO packs(name, size, created_at) VALUES (?, ?, ?)",
-                         (name, pack_sizes[name], time.time()))
-            pack_ids[name] = conn.execute("SELECT id FROM packs WHERE name=?",
-                                          (name,)).fetchone()[0]
+        pack_ids = _pack_ids(conn, {blocks[b][0] for b in used}, pack_sizes)
         depth_of: dict[bytes, int] = dict(known)
         rows = []
         for bid in sorted(used):
@@ -245,25 +240,11 @@ def rebuild_into(idx: Index, backend: Backend, result: ReindexResult, *,
         for name, m, step in steps:
             if step in present:  # another process sharing this cache added it meanwhile
                 continue
-            entries = m["entries"]
             new = [b for b, s in first_step.items() if s == step]
-            conn.execute(
-                "INSERT INTO steps(step, created_at, metrics, tags, note, tree, logical_bytes, "
-                "written_bytes, new_chunks, total_chunks, parent, manifest) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (step, float(m.get("created_at", 0.0)),
-                 json.dumps(m.get("metrics", {}), allow_nan=True),
-                 json.dumps(m.get("tags", [])), m.get("note"),
-                 json.dumps(m["tree"], separators=(",", ":")),
-                 sum(int(e["nbytes"]) for e in entries),
-                 sum(blocks[b][2] for b in new), len(new),
-                 sum(len(e["blocks"]) // 32 for e in entries), m.get("parent"), name))
-            conn.executemany(
-                "INSERT INTO entries(step, idx, path, kind, dtype, shape, nbytes, block_size, "
-                "blocks) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [(step, int(e["idx"]), e["path"], e["kind"], e["dtype"],
-                  json.dumps(e["shape"]), int(e["nbytes"]), int(e["block_size"]),
-                  bytes.fromhex(e["blocks"])) for e in entries])
+            _insert_manifest_step(conn, name, step, m,
+                                  json.dumps(m["tree"], separators=(",", ":")),
+                                  _manifest_entry_rows(step, m),
+                                  sum(blocks[b][2] for b in new), len(new))
             summaries.record(conn, [step])
             result.steps_recovered.append(step)
         # the keyframe clock goes on past the latest generation any ingested manifest records
@@ -284,6 +265,41 @@ def record_manifest_etags(conn: Any, etags: dict[str, str | None]) -> None:
                      [(n,) for n, e in etags.items() if e is None])
     conn.executemany("INSERT OR REPLACE INTO cache_manifests(name, etag) VALUES (?, ?)",
                      [(n, e) for n, e in etags.items() if e is not None])
+
+
+def _pack_ids(conn: Any, names: set[str], sizes: dict[str, int]) -> dict[str, int]:
+    """Row ids of the packs ``names`` (of ``sizes`` bytes), added when the index lacks them."""
+    ids = {}
+    for name in sorted(names):
+        conn.execute("INSERT OR IGNORE INTO packs(name, size, created_at) VALUES (?, ?, ?)",
+                     (name, sizes[name], time.time()))
+        ids[name] = conn.execute("SELECT id FROM packs WHERE name=?", (name,)).fetchone()[0]
+    return ids
+
+
+def _manifest_entry_rows(step: int, m: dict[str, Any]) -> list[tuple]:
+    """The ``entries`` rows of manifest ``m`` (whose step is ``step``)."""
+    return [(step, int(e["idx"]), e["path"], e["kind"], e["dtype"], json.dumps(e["shape"]),
+             int(e["nbytes"]), int(e["block_size"]), bytes.fromhex(e["blocks"]))
+            for e in m["entries"]]
+
+
+def _insert_manifest_step(conn: Any, name: str, step: int, m: dict[str, Any], tree_json: str,
+                          rows: list[tuple], written: int, new_chunks: int) -> None:
+    """The ``steps`` row and ``entries`` ``rows`` of ``step`` as manifest ``name`` (decoded:
+    ``m``) records it; ``written``/``new_chunks``: the bytes and count of its new blocks."""
+    conn.execute(
+        "INSERT INTO steps(step, created_at, metrics, tags, note, tree, logical_bytes, "
+        "written_bytes, new_chunks, total_chunks, parent, manifest) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (step, float(m.get("created_at", 0.0)),
+         json.dumps(m.get("metrics", {}), allow_nan=True), json.dumps(m.get("tags", [])),
+         m.get("note"), tree_json, sum(r[6] for r in rows), written, new_chunks,
+         sum(len(r[8]) // ID_SIZE for r in rows), m.get("parent"), name))
+    conn.executemany(
+        "INSERT INTO entries(step, idx, path, kind, dtype, shape, nbytes, block_size, "
+        "blocks) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+
 
 #: ``meta`` key of a cache index that :func:`ingest_partial` filled: some of its steps'
 #: blocks are not located. Only a DCP rank's own writer reads such a cache; every other use
@@ -320,9 +336,7 @@ def ingest_partial(idx: Index, name: str, manifest: dict[str, Any] | None,
         try:
             step = int(manifest["step"])
             tree = json.dumps(manifest["tree"], separators=(",", ":"))
-            rows = [(step, int(e["idx"]), e["path"], e["kind"], e["dtype"],
-                     json.dumps(e["shape"]), int(e["nbytes"]), int(e["block_size"]),
-                     bytes.fromhex(e["blocks"])) for e in manifest["entries"]]
+            rows = _manifest_entry_rows(step, manifest)
             for r in rows:
                 need.update(unpack_ids(r[8]))
         except (KeyError, TypeError, ValueError) as exc:
@@ -351,12 +365,7 @@ def ingest_partial(idx: Index, name: str, manifest: dict[str, Any] | None,
                                       batch).fetchall())
         take = {b for b in _with_bases(mine, frames, known)
                 if not _missing_with_bases({b}, frames, known)}
-        pack_ids: dict[str, int] = {}
-        for pack in sorted({frames[b][0] for b in take}):
-            conn.execute("INSERT OR IGNORE INTO packs(name, size, created_at) VALUES (?, ?, ?)",
-                         (pack, pack_sizes[pack], time.time()))
-            pack_ids[pack] = conn.execute("SELECT id FROM packs WHERE name=?",
-                                          (pack,)).fetchone()[0]
+        pack_ids = _pack_ids(conn, {frames[b][0] for b in take}, pack_sizes)
         depth_of = dict(known)
         summaries.insert_blocks(conn, [
             (bid, pack_ids[frames[bid][0]], *frames[bid][1:], _depth(bid, frames, depth_of), step)
@@ -364,19 +373,9 @@ def ingest_partial(idx: Index, name: str, manifest: dict[str, Any] | None,
         if manifest is None or conn.execute("SELECT 1 FROM steps WHERE step = ?",
                                             (step,)).fetchone():
             return
-        m = manifest
-        conn.execute(
-            "INSERT INTO steps(step, created_at, metrics, tags, note, tree, logical_bytes, "
-            "written_bytes, new_chunks, total_chunks, parent, manifest) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (step, float(m.get("created_at", 0.0)),
-             json.dumps(m.get("metrics", {}), allow_nan=True), json.dumps(m.get("tags", [])),
-             m.get("note"), tree, sum(r[6] for r in rows), sum(frames[b][2] for b in take),
-             len(take), sum(len(r[8]) // ID_SIZE for r in rows), m.get("parent"), name))
-        conn.executemany(
-            "INSERT INTO entries(step, idx, path, kind, dtype, shape, nbytes, block_size, "
-            "blocks) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
-        summaries.record_generations(conn, [(m.get("generation"), step)])
+        _insert_manifest_step(conn, name, step, manifest, tree, rows,
+                              sum(frames[b][2] for b in take), len(take))
+        summaries.record_generations(conn, [(manifest.get("generation"), step)])
         record_manifest_etags(conn, {name: etag})
 
 
@@ -403,7 +402,13 @@ def _missing_with_bases(ids: set[bytes], blocks: dict[bytes, tuple],
     through ``blocks`` (found frames) to a keyframe or a block of ``known`` (id -> depth):
     a block found in no pack, a chain that loops back on itself, or one longer than
     MAX_CHAIN_HOPS hops (readers refuse both). Empty when all of ``ids`` resolve."""
-    known = known or {}
+    return _resolve_chains(ids, blocks, known or {})[1]
+
+
+def _resolve_chains(ids: set[bytes], blocks: dict[bytes, tuple], known: dict[bytes, int],
+                    ) -> tuple[dict[bytes, int], set[bytes]]:
+    """(depth of each id of ``ids`` and its bases that resolves and is not in ``known``,
+    those that do not resolve): see :func:`_missing_with_bases`."""
     depth: dict[bytes, int] = {}
     bad: set[bytes] = set()
     for start in ids:
@@ -438,7 +443,7 @@ def _missing_with_bases(ids: set[bytes], blocks: dict[bytes, tuple],
             else:
                 d += 1
                 depth[b] = d
-    return bad
+    return depth, bad
 
 
 def _choose_copies(blocks: dict[bytes, tuple], others: dict[bytes, list[tuple]],
@@ -448,7 +453,6 @@ def _choose_copies(blocks: dict[bytes, tuple], others: dict[bytes, list[tuple]],
     depends on its bases' choices, so passes repeat until none changes (a choice only ever
     moves to a strictly shorter chain, or from none resolving to one: it ends)."""
     frames = {bid: [blocks[bid], *alts] for bid, alts in others.items()}
-    current: dict[bytes, int | None] = {bid: None for bid in frames}
     for _ in range(len(frames) + 2):
         changed = False
         for bid, candidates in frames.items():
@@ -460,9 +464,7 @@ def _choose_copies(blocks: dict[bytes, tuple], others: dict[bytes, list[tuple]],
                 if d is not None and (best_depth is None or d < best_depth):
                     best, best_depth = loc, d
             blocks[bid] = best
-            if best is not chosen or best_depth != current[bid]:
-                current[bid] = best_depth
-                changed = changed or best is not chosen
+            changed = changed or best is not chosen
         if not changed:
             return
 
@@ -470,17 +472,9 @@ def _choose_copies(blocks: dict[bytes, tuple], others: dict[bytes, list[tuple]],
 def _chain_depth(bid: bytes, blocks: dict[bytes, tuple], known: dict[bytes, int]) -> int | None:
     """Hops from ``bid`` to a keyframe (or a block of ``known``, plus its depth) through
     ``blocks``; None when the chain does not resolve (see :func:`_missing_with_bases`)."""
-    hops, seen, cur = 0, set(), bid
-    while cur not in known:
-        if cur in seen or cur not in blocks or hops > MAX_CHAIN_HOPS:
-            return None
-        seen.add(cur)
-        base = blocks[cur][5]
-        if base is None:
-            return hops
-        cur, hops = base, hops + 1
-    total = hops + known[cur]
-    return total if total <= MAX_CHAIN_HOPS else None
+    if bid in known:
+        return known[bid] if known[bid] <= MAX_CHAIN_HOPS else None
+    return _resolve_chains({bid}, blocks, known)[0].get(bid)
 
 
 def _depth(bid: bytes, blocks: dict[bytes, tuple], memo: dict[bytes, int]) -> int:
