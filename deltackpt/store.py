@@ -404,33 +404,13 @@ class Store:
             logical = sum(p.data.nbytes for p in plans)
             total = sum(len(p.ids) for p in plans)
             with self._index.write() as conn:
-                self._manifest_written(conn, manifest)
-                if not self._taken_in_already(conn, step, manifest, created):
-                    pack_ids = {}
-                    for name, size in packs:
-                        cur = conn.execute(
-                            "INSERT INTO packs(name, size, created_at) VALUES (?, ?, ?)",
-                            (name, size, created))
-                        pack_ids[name] = cur.lastrowid
-                    summaries.insert_blocks(
-                        conn, [(bid, pack_ids[pk], off, ln, raw, cd, base, depth, step)
-                               for bid, (pk, off, ln, raw, cd, base, depth) in new_blocks.items()])
-                    conn.execute(
-                        "INSERT INTO steps(step, created_at, metrics, tags, note, tree, "
-                        "logical_bytes, written_bytes, new_chunks, total_chunks, parent, manifest) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (step, created, metrics_json, json.dumps(tags_list), note, tree_json,
-                         logical, written, len(new_blocks), total, parent, manifest),
-                    )
-                    conn.executemany(
-                        "INSERT INTO entries(step, idx, path, kind, dtype, shape, nbytes, "
-                        "block_size, blocks) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        [(step, p.leaf.index, p.leaf.path, p.leaf.kind, p.leaf.dtype,
-                          json.dumps(list(p.leaf.shape)), p.data.nbytes,
-                          p.spans[0][1] if p.spans else 0, b"".join(p.ids)) for p in plans],
-                    )
-                    summaries.record(conn, [step])
-                    summaries.advance_delta_generation(conn, generation, step)
+                self._commit_step_rows(
+                    conn, step, manifest, created, (metrics_json, tags_list, note, tree_json),
+                    packs, new_blocks,
+                    [(step, p.leaf.index, p.leaf.path, p.leaf.kind, p.leaf.dtype,
+                      json.dumps(list(p.leaf.shape)), p.data.nbytes,
+                      p.spans[0][1] if p.spans else 0, b"".join(p.ids)) for p in plans],
+                    logical, written, total, parent, generation)
                 crash_point("save:before-commit")
             crash_point("save:after-commit")
             self._refresh_after_commit(plans, new_blocks, step)
@@ -1406,34 +1386,50 @@ class Store:
             total = sum(len(r[8]) // ID_SIZE for r in rows)
             written = sum(v[2] for v in blocks.values())
             with self._index.write() as conn:
-                self._manifest_written(conn, manifest)
-                pack_ids = {name: conn.execute(
-                    "INSERT INTO packs(name, size, created_at) VALUES (?, ?, ?)",
-                    (name, size, created)).lastrowid for name, size in sizes.items()}
-                summaries.insert_blocks(
-                    conn, [(bid, pack_ids[pk], off, ln, raw, cd, base, depth, step)
-                           for bid, (pk, off, ln, raw, cd, base, depth) in blocks.items()])
-                conn.execute(
-                    "INSERT INTO steps(step, created_at, metrics, tags, note, tree, "
-                    "logical_bytes, written_bytes, new_chunks, total_chunks, parent, manifest) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (step, created, metrics_json, json.dumps(tags_list), note, tree_json,
-                     logical, written, len(blocks), total, parent, manifest))
-                conn.executemany(
-                    "INSERT INTO entries(step, idx, path, kind, dtype, shape, nbytes, "
-                    "block_size, blocks) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
-                summaries.record(conn, [step])
-                summaries.advance_delta_generation(conn, generation, step)
+                self._commit_step_rows(
+                    conn, step, manifest, created, (metrics_json, tags_list, note, tree_json),
+                    list(sizes.items()), blocks, rows, logical, written, total, parent,
+                    generation)
             return SaveResult(step, logical, written, len(blocks), total,
                               time.perf_counter() - t0)
+
+    def _commit_step_rows(self, conn: Any, step: int, manifest: str, created: float,
+                          record: tuple[str, list[str], str | None, str],
+                          packs: Sequence[tuple[str, int]], blocks: dict[bytes, tuple],
+                          entry_rows: list[tuple], logical: int, written: int, total: int,
+                          parent: int | None, generation: int | None) -> None:
+        """In the commit's index transaction: the rows of ``step``, whose manifest was just
+        written (``record``: metrics JSON, tags, note, tree JSON; ``blocks``: the new ones,
+        id -> (pack, offset, length, raw_len, codec, base, depth), in ``packs``)."""
+        self._manifest_written(conn, manifest)
+        if self._taken_in_already(conn, step, manifest, created):
+            return
+        metrics_json, tags_list, note, tree_json = record
+        pack_ids = {name: conn.execute(
+            "INSERT INTO packs(name, size, created_at) VALUES (?, ?, ?)",
+            (name, size, created)).lastrowid for name, size in packs}
+        summaries.insert_blocks(
+            conn, [(bid, pack_ids[pk], off, ln, raw, cd, base, depth, step)
+                   for bid, (pk, off, ln, raw, cd, base, depth) in blocks.items()])
+        conn.execute(
+            "INSERT INTO steps(step, created_at, metrics, tags, note, tree, logical_bytes, "
+            "written_bytes, new_chunks, total_chunks, parent, manifest) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (step, created, metrics_json, json.dumps(tags_list), note, tree_json, logical,
+             written, len(blocks), total, parent, manifest))
+        conn.executemany(
+            "INSERT INTO entries(step, idx, path, kind, dtype, shape, nbytes, block_size, "
+            "blocks) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", entry_rows)
+        summaries.record(conn, [step])
+        summaries.advance_delta_generation(conn, generation, step)
 
     #: whether other processes write this index too (a remote store's cache directory)
     _index_shared = False
 
     def _taken_in_already(self, conn: Any, step: int, manifest: str, created: float) -> bool:
-        """Whether, in a save's index transaction, another process sharing the index took
-        the step in from the manifest this save has just written (a remote store's cache):
-        then its rows are this save's, and inserting them again would fail the save."""
+        """Whether, in a commit's index transaction, another process sharing the index took
+        the step in from the manifest this commit has just written (a remote store's cache):
+        then its rows are this commit's, and inserting them again would fail it."""
         if not self._index_shared:
             return False
         row = conn.execute("SELECT manifest, created_at FROM steps WHERE step=?",
@@ -1449,16 +1445,21 @@ class Store:
         """Called inside the index transaction that commits what ``manifest`` (just
         written) says; a remote store's cache records the manifest's ETag there."""
 
+    def _block_depths(self, ids: set[bytes]) -> dict[bytes, int]:
+        """id -> ``blocks.depth`` of those of ``ids`` the index has."""
+        out: dict[bytes, int] = {}
+        for batch in chunked(list(ids), 500):
+            marks = ",".join("?" * len(batch))
+            out.update(self._index.query(
+                f"SELECT id, depth FROM blocks WHERE id IN ({marks})", batch))
+        return out
+
     def _shortest_copies(self, copies: dict[bytes, list[tuple]]) -> dict[bytes, tuple]:
         """One location per block id, of the copies writers reported ((pack, offset, length,
         raw_len, codec, base, depth)): the one whose base has the shortest chain in this
         index (a keyframe first), the first reported on a tie."""
-        bases = {c[5] for cs in copies.values() if len(cs) > 1 for c in cs if c[5] is not None}
-        depth_of: dict[bytes, int] = {}
-        for batch in chunked(list(bases), 500):
-            marks = ",".join("?" * len(batch))
-            depth_of.update(self._index.query(
-                f"SELECT id, depth FROM blocks WHERE id IN ({marks})", batch))
+        depth_of = self._block_depths(
+            {c[5] for cs in copies.values() if len(cs) > 1 for c in cs if c[5] is not None})
 
         def chain(c: tuple) -> int:
             return 0 if c[5] is None else depth_of.get(c[5], MAX_CHAIN_HOPS) + 1
@@ -1471,12 +1472,8 @@ class Store:
         """``blocks`` (new, id -> (pack, offset, length, raw_len, codec, base, depth)) with
         each depth computed from this index rather than taken from the writer: a rank whose
         cache holds another copy of a base (a block two ranks wrote) sees another chain."""
-        outside = [v[5] for v in blocks.values() if v[5] is not None and v[5] not in blocks]
-        depth_of: dict[bytes, int] = {}
-        for batch in chunked(list(set(outside)), 500):
-            marks = ",".join("?" * len(batch))
-            depth_of.update(self._index.query(
-                f"SELECT id, depth FROM blocks WHERE id IN ({marks})", batch))
+        depth_of = self._block_depths(
+            {v[5] for v in blocks.values() if v[5] is not None and v[5] not in blocks})
         out = {}
         for bid in blocks:
             chain = []
