@@ -444,7 +444,6 @@ class RemoteStore(Store):
         backend.before_commit = self.lease.check
         #: what the last :meth:`refresh` did: "none", "incremental" or "rebuild"
         self.last_refresh = "none"
-        self._expect_version: int | None = None
         self._gc_version: int | None = None
         if not catch_up_on_open:
             return  # a DCP rank: catch_up_for_rank or refresh before it writes
@@ -480,19 +479,20 @@ class RemoteStore(Store):
             # the rebuild's commit (a writer's save, thin or gc): the rebuild then writes
             # nothing and starts over, or it would put back what that process replaced
             for _ in range(_REFRESH_ATTEMPTS):
-                self._expect_version = self._index.query("PRAGMA data_version")[0][0]
                 try:
-                    return self._refresh_once(check_packs)
+                    return self._refresh_once(
+                        check_packs, self._index.query("PRAGMA data_version")[0][0])
                 except CacheChanged:
                     continue
-                finally:
-                    self._expect_version = None
             raise StoreLockedError(f"{self.location}: the cache in {self.cache_dir} kept "
                                    "changing under this refresh (other processes sharing it "
                                    "are writing); try again, or give this process a "
                                    "cache_dir of its own")
 
-    def _refresh_once(self, check_packs: bool) -> ReindexResult:
+    def _refresh_once(self, check_packs: bool, version: int) -> ReindexResult:
+        """One try of :meth:`refresh`; ``version``: the cache's ``PRAGMA data_version``
+        before listing (a commit from another connection since makes it raise
+        :class:`CacheChanged`, writing nothing)."""
         with self._mutex:
             listing = self.backend.list_info(MANIFEST_PREFIX)
             if is_partial(self._index) or self._manifests_changed(listing):
@@ -500,7 +500,7 @@ class RemoteStore(Store):
                 # cache holds was rewritten (thin) or its step saved anew: rebuild
                 listing.update(self.backend.list_info(PACK_PREFIX))
                 self._scans.forget_missing({n for n in listing if n.startswith(PACK_PREFIX)})
-                return self._rebuild(_Listed(self.backend, listing), listing)
+                return self._rebuild(_Listed(self.backend, listing), listing, version)
             remote_manifests = {n for n in listing if n.endswith(".manifest")}
             have_manifests = {r[0] for r in self._index.query("SELECT manifest FROM steps")}
             result = ReindexResult()
@@ -520,13 +520,13 @@ class RemoteStore(Store):
                 rebuild_into(self._index, listed, result, scan_many=self._scan_many,  # type: ignore[arg-type]
                              read_manifest=lambda n: self._manifest(n, listing),
                              incremental=True, manifest_etags=_etags(listing),
-                             expect_version=self._expect_version)
+                             expect_version=version)
                 if not result.steps_lost:
                     # the base cache stays: it is keyed by block id, and a block's bytes
                     # never change (a DCP rank keeps the bases of its own last save)
                     self.last_refresh = "incremental"
                     return result
-            return self._rebuild(listed, listing)
+            return self._rebuild(listed, listing, version)
 
     def _manifests_changed(self, listing: dict[str, dict[str, Any]],
                            names: list[str] | None = None) -> bool:
@@ -638,11 +638,12 @@ class RemoteStore(Store):
             self._scans.forget_missing({n for n in listing if n.startswith(PACK_PREFIX)})
             return self._rebuild(_Listed(self.backend, listing), listing)
 
-    def _rebuild(self, listed: _Listed, listing: dict[str, dict[str, Any]]) -> ReindexResult:
+    def _rebuild(self, listed: _Listed, listing: dict[str, dict[str, Any]],
+                 version: int | None = None) -> ReindexResult:
         result = ReindexResult()
         rebuild_into(self._index, listed, result, scan_many=self._scan_many,  # type: ignore[arg-type]
                      read_manifest=lambda n: self._manifest(n, listing), replace=True,
-                     manifest_etags=_etags(listing), expect_version=self._expect_version)
+                     manifest_etags=_etags(listing), expect_version=version)
         self.last_refresh = "rebuild"
         self._base_cache.clear()
         self._delta_hints.clear()
