@@ -201,10 +201,11 @@ class RetentionPolicy:
         return RetentionPlan(sorted(keep), delete, thin)
 
 
-def prune(store: Any, policy: RetentionPolicy, protect: Iterable[int] = (),
+def prune(store: Any, policy: RetentionPolicy | Rule, protect: Iterable[int] = (),
           gc: bool = True) -> tuple[list[int], list[int]]:
     """Apply ``policy`` to ``store``: delete, thin, then gc. Returns (deleted, thinned).
 
+    ``policy`` is a :class:`RetentionPolicy` or one rule (``KeepLast(3)``).
     ``protect`` names steps that must stay whole besides the latest one. Only
     steps that actually lost entries count as thinned (thinning is idempotent).
     Space returns through :meth:`Store.gc` when anything was deleted or thinned
@@ -212,8 +213,11 @@ def prune(store: Any, policy: RetentionPolicy, protect: Iterable[int] = (),
     """
     from .store import PathNotFoundError
 
+    if isinstance(policy, (KeepLast, KeepBest, KeepEvery)):
+        policy = RetentionPolicy((policy,))
     if not isinstance(policy, RetentionPolicy):
-        raise TypeError(f"policy must be a RetentionPolicy, not {type(policy).__name__}")
+        raise TypeError(f"policy must be a RetentionPolicy or a Keep* rule, not "
+                        f"{type(policy).__name__}")
     plan = policy.plan(store.log(), protect)
     deleted: list[int] = []
     for s in plan.delete:

@@ -1113,8 +1113,9 @@ class Store:
                 best_step, best_value = info.step, v
         return best_step
 
-    def prune(self, policy: Any, protect: Iterable[int] = ()) -> Any:
-        """Apply a retention policy (see :mod:`deltackpt.retention`): delete and thin steps."""
+    def prune(self, policy: Any, protect: Iterable[int] = ()) -> tuple[list[int], list[int]]:
+        """Apply a retention policy or one rule (see :mod:`deltackpt.retention`): delete
+        and thin steps, then gc. Returns (deleted, thinned)."""
         from .retention import prune
 
         return prune(self, policy, protect)
