@@ -71,6 +71,9 @@ def write_safetensors(state: Any, path: str | os.PathLike,
 
     tensors = {}
     for name, t in iter_tensors(state):
+        if torch_dtype_name(t.dtype) not in SAFETENSORS_DTYPES:
+            raise InvalidInputError(f"'{name}': safetensors cannot hold a {t.dtype} tensor; "
+                                    "write a .pt instead")
         t = t.detach()
         if t.device.type != "cpu":
             t = t.cpu()
@@ -651,6 +654,16 @@ def subtree(state: Any, path: str) -> Any:
     return node
 
 
+def _pickled_int_bytes(value: int) -> int:
+    """Length of pickle's little-endian two's-complement encoding of ``value``."""
+    n = (value.bit_length() >> 3) + 1
+    if value < 0 and n > 1:
+        raw = value.to_bytes(n, "little", signed=True)
+        if raw[-1] == 0xFF and raw[-2] & 0x80:
+            n -= 1
+    return n
+
+
 def check_weights_only(value: Any, path: str = "") -> None:
     """Raise UnsupportedValueError for values ``torch.load(weights_only=True)`` refuses."""
     if isinstance(value, (np.ndarray, np.generic)):
@@ -658,6 +671,15 @@ def check_weights_only(value: Any, path: str = "") -> None:
         raise UnsupportedValueError(
             f"the numpy value at {where} cannot be loaded with torch.load(weights_only=True); "
             "export to .safetensors, or select a subtree without numpy values")
+    if (type(value) is bytes and not value) or (
+            type(value) is int and _pickled_int_bytes(value) > 255):
+        # torch's weights_only unpickler knows neither pickle's empty-bytes opcode
+        # sequence nor LONG4 (ints over 255 bytes)
+        where = f"'{path}'" if path else "the top level"
+        what = "an empty bytes value" if type(value) is bytes else "an int this large"
+        raise UnsupportedValueError(
+            f"{what} at {where} cannot be loaded with torch.load(weights_only=True); "
+            "export to .safetensors, or select a subtree without it")
     if isinstance(value, dict):
         for k, v in value.items():
             check_weights_only(v, join_path(path, k))

@@ -77,6 +77,17 @@ def _type_name(value: Any) -> str:
     return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
 
 
+def check_text(text: str, what: str) -> None:
+    """Refuse a str that has no UTF-8 form (a lone surrogate such as ``"\\ud800"``):
+    the index and manifests store paths and notes as UTF-8 text."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise UnsupportedValueError(
+            f"{what} is not valid Unicode text (a lone surrogate at position {exc.start}); "
+            "deltackpt stores keys as UTF-8") from None
+
+
 def unsupported(path: str, value: Any, why: str = "") -> UnsupportedValueError:
     """The UnsupportedValueError for ``value`` at ``path`` (used by flatten and snapshot)."""
     where = f"'{path}'" if path else "the top level"
@@ -99,6 +110,9 @@ def check_tensor(value: torch.Tensor, path: str) -> None:
                            "call .to_dense() first")
     if value.is_quantized:
         raise unsupported(path, value, "quantized tensors are not storable")
+    if value.is_nested:
+        raise unsupported(path, value, "nested tensors are not storable; store their "
+                          "components (.unbind()) as a list")
     if value.device.type == "meta":
         raise unsupported(path, value, "a meta tensor has no data")
 
@@ -112,8 +126,9 @@ class _Flattener:
                  device: str = "cpu") -> int:
         if path in self.paths:
             raise UnsupportedValueError(
-                f"two values map to the same path '{path}' (an int key and a str key "
-                "with the same text?); rename one of them"
+                f"two values map to the same path '{path}' (an int key and a str key with "
+                "the same text, or an empty key, whose path is its parent's?); rename one "
+                "of them"
             )
         self.paths.add(path)
         leaf = Leaf(len(self.leaves), path, kind, dtype, shape, value, device)
@@ -121,7 +136,10 @@ class _Flattener:
         return leaf.index
 
     def key(self, key: Any, path: str) -> Any:
-        if type(key) is str or type(key) is int:
+        if type(key) is int:
+            return key
+        if type(key) is str:
+            check_text(key, f"dict key {key!r} at '{path or '/'}'")
             return key
         raise UnsupportedValueError(
             f"dict key {key!r} of type {_type_name(key)} at '{path or '/'}' is not "
@@ -189,7 +207,7 @@ class _Flattener:
         if name is None:
             raise unsupported(path, value, f"dtype {value.dtype} is not storable")
         attrs: dict[str, Any] = {}
-        if kind == "parameter":
+        if kind == "parameter" or value.requires_grad:
             attrs["requires_grad"] = bool(value.requires_grad)
         device = str(value.device)
         if device != "cpu":

@@ -215,5 +215,7 @@ class HostSnapshot:
 def _as_type(buf: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     if type(src) is torch.nn.Parameter:
         return torch.nn.Parameter(buf, requires_grad=src.requires_grad)
+    if src.requires_grad:
+        return buf.detach().requires_grad_(True)  # a new leaf: the buffer stays reusable
     return buf
 

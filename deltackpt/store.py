@@ -46,7 +46,15 @@ from .errors import (
     UnsupportedValueError,
 )
 from .faults import crash_point
-from .flatten import Leaf, entry_indices, entry_nodes, flatten, select_tree, unflatten
+from .flatten import (
+    Leaf,
+    check_text,
+    entry_indices,
+    entry_nodes,
+    flatten,
+    select_tree,
+    unflatten,
+)
 from .hashing import DEFAULT_BLOCK_SIZE, HASHES, ID_SIZE, block_id, block_spans, unpack_ids
 from .index import SCHEMA_VERSION, Index, chunked
 from .lock import WriterLock
@@ -320,6 +328,8 @@ class Store:
     def _step_arg(self, step: Any) -> int:
         if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
             raise TypeError(f"step must be an int, not {type(step).__name__}")
+        if not -(2**63) <= step < 2**63:
+            raise ValueError(f"step {step} does not fit in 64 bits")
         return int(step)
 
     def _step_record_args(self, step: Any, metrics: Any, tags: Any,
@@ -333,6 +343,8 @@ class Store:
         tags_list = _tags_list(tags)
         if note is not None and not isinstance(note, str):
             raise TypeError("note must be a str or None")
+        if note is not None:
+            check_text(note, "the note")
         return step, metrics_json, tags_list
 
     def _not_found(self, step: int) -> StepNotFoundError:

@@ -72,21 +72,34 @@ def finish_output(kind: str, value: Any, attrs: dict[str, Any]) -> Any:
     """Turn a filled output into the leaf type the tree asks for."""
     if kind == "bytes":
         return bytes(value)
+    if not isinstance(value, torch.Tensor):
+        return value
+    # only float and complex tensors can require grad: a tree that says otherwise is
+    # not obeyed (torch would raise)
+    grad_ok = value.is_floating_point() or value.is_complex()
     if kind == "parameter":
-        return torch.nn.Parameter(value, requires_grad=bool(attrs.get("requires_grad", True)))
+        return torch.nn.Parameter(
+            value, requires_grad=grad_ok and bool(attrs.get("requires_grad", True)))
+    if attrs.get("requires_grad") is True and grad_ok:
+        return value.requires_grad_(True)
     return value
 
 
 def move(value: Any, map_location: Any, saved_device: str) -> Any:
-    """Place a restored CPU tensor like ``torch.load(map_location=...)`` would."""
+    """Place a restored CPU tensor like ``torch.load(map_location=...)`` would: the moved
+    value is a leaf again, a Parameter stays a Parameter, ``requires_grad`` is kept (a
+    callable ``map_location`` gets the tensor, detached, and the saved device)."""
     if not isinstance(value, torch.Tensor):
         return value
     target: Any
+    data = value.detach()
     if map_location is None:
         target = saved_device
     elif callable(map_location):
-        moved = map_location(value, saved_device)
-        return value if moved is None else moved
+        moved = map_location(data, saved_device)
+        if moved is None or moved is data:
+            return value
+        return _as_restored(moved, value) if isinstance(moved, torch.Tensor) else moved
     elif isinstance(map_location, dict):
         target = map_location.get(saved_device, saved_device)
     else:
@@ -94,7 +107,13 @@ def move(value: Any, map_location: Any, saved_device: str) -> Any:
     target = torch.device(target)
     if target.type == "cpu":
         return value
-    if isinstance(value, torch.nn.Parameter):
-        return torch.nn.Parameter(value.data.to(target, non_blocking=True),
-                                  requires_grad=value.requires_grad)
-    return value.to(target, non_blocking=True)
+    return _as_restored(data.to(target, non_blocking=True), value)
+
+
+def _as_restored(moved: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``moved`` with ``like``'s type (Parameter or not) and ``requires_grad``, as a leaf."""
+    if isinstance(like, torch.nn.Parameter):
+        return torch.nn.Parameter(moved.detach(), requires_grad=like.requires_grad)
+    if like.requires_grad:
+        return moved.detach().requires_grad_(True)
+    return moved

@@ -11,6 +11,7 @@ import shutil
 import sqlite3
 import struct
 import tracemalloc
+import warnings
 import zlib
 
 import numpy as np
@@ -29,6 +30,7 @@ from deltackpt import (
 )
 from deltackpt import codec as C
 from deltackpt.packs import PACK_MAGIC, decode_manifest, encode_manifest
+from deltackpt.reindex import reindex
 
 torch.set_num_threads(1)
 BS = 4096
@@ -339,6 +341,12 @@ class _Opaque:
     pass
 
 
+def _nested(parts: list[torch.Tensor]) -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "prototype stage"
+        return torch.nested.nested_tensor(parts)
+
+
 UNSUPPORTED = {
     "object": _Opaque(),
     "lambda": lambda: 1,
@@ -347,6 +355,8 @@ UNSUPPORTED = {
     "sparse tensor": torch.eye(3).to_sparse(),
     "nested under a tensor": {"ok": torch.ones(2), "bad": [torch.ones(2), object()]},
     "deque": collections.deque([1]),
+    "lone surrogate in a key": {"ok": 1, "\ud800": torch.ones(3)},
+    "nested tensor": _nested([torch.ones(2), torch.ones(3)]),
 }
 
 
@@ -368,3 +378,33 @@ def test_refused_save_leaves_the_store_byte_for_byte_unchanged(tmp_path, case):
     # after close: the same data files and the same (checkpointed) index
     assert dir_digest(path, skip_suffixes=("-shm", "-wal", "lock")) == {
         k: v for k, v in before.items() if not k.endswith("-wal")}
+
+
+def test_refusals_name_the_value_and_a_bad_note_writes_nothing(tmp_path):
+    path = os.path.join(tmp_path, "s")
+    _store(path)
+    with deltackpt.open(path) as s:
+        with pytest.raises(UnsupportedValueError, match=r"dict key '\\ud800' at 'a'.*surrogate"):
+            s.save({"a": {"\ud800": torch.ones(3)}}, 3)
+        with pytest.raises(UnsupportedValueError, match="'x/1'.*nested tensors"):
+            s.save({"x": [1, _nested([torch.ones(2)])]}, 3)
+        before = dir_digest(path, skip_suffixes=("-shm", "-wal", "lock"))
+        with pytest.raises(UnsupportedValueError, match="the note"):
+            s.save({"w": torch.ones(4)}, 3, note="bad \udc80 note")
+        assert dir_digest(path, skip_suffixes=("-shm", "-wal", "lock")) == before
+        # characters beyond the BMP are fine (JSON writes them as surrogate pairs)
+        s.save({"\U0001f600": torch.ones(4)}, 3, note="\U0001f600")
+    os.remove(os.path.join(path, "index.sqlite"))
+    reindex(path)
+    with deltackpt.open(path) as s:
+        assert_state_equal(s.load(3), {"\U0001f600": torch.ones(4)})
+        assert s.info(3).note == "\U0001f600"
+
+
+def test_a_manifest_with_a_lone_surrogate_is_damaged_not_a_crash():
+    data = encode_manifest({"manifest_version": 1, "step": 1,
+                            "entries": [{"path": "a\ud800"}]})
+    with pytest.raises(CorruptionError, match="does not decode"):
+        decode_manifest(data, "m")
+    pair = encode_manifest({"manifest_version": 1, "entries": [{"path": "\U0001f600"}]})
+    assert decode_manifest(pair, "m")["entries"][0]["path"] == "\U0001f600"

@@ -602,6 +602,21 @@ def test_snapshot_copies_strided_and_conjugate_views():
         assert out[k].is_contiguous() and not out[k].is_conj()
 
 
+def test_snapshot_keeps_parameters_and_requires_grad_and_reuses_its_buffers():
+    g = torch.randn(4).requires_grad_(True)
+    state = {"p": torch.nn.Parameter(torch.randn(3)), "g": g, "t": torch.randn(2)}
+    snap = HostSnapshot()
+    first = snap.take(state)
+    with torch.no_grad():
+        g.add_(1.0)
+    second = snap.take(state)  # the copy into a reused buffer must not trip autograd
+    assert torch.equal(second["g"].detach(), g.detach())
+    assert second["g"].untyped_storage().data_ptr() == first["g"].untyped_storage().data_ptr()
+    for k, v in state.items():
+        assert type(second[k]) is type(v) and second[k].requires_grad == v.requires_grad, k
+        assert second[k].is_leaf, k
+
+
 def test_snapshot_rejects_unstorable_values():
     snap = HostSnapshot()
     with pytest.raises(UnsupportedValueError, match="'a/0'"):

@@ -155,6 +155,16 @@ def test_restore_refuses_unknown_extension(store_dir, tmp_path):
     assert not os.path.exists(os.path.join(tmp_path, "x.bin"))
 
 
+def test_restore_to_safetensors_refuses_a_dtype_it_cannot_hold(tmp_path):
+    path = os.path.join(tmp_path, "s")
+    with deltackpt.open(path) as s:
+        s.save({"model": {"c": torch.zeros(2, dtype=torch.complex128)}}, 1)
+    out = os.path.join(tmp_path, "x.safetensors")
+    r = CliRunner().invoke(main, ["restore", path, "1", "-o", out])
+    assert_one_line_error(r, 2, "'model/c'", "complex128", ".pt")
+    assert not os.path.exists(out) and not os.path.exists(out + ".partial")
+
+
 def test_verify_ok_and_damaged(store_dir):
     r = run("verify", store_dir)
     assert r.exit_code == 0 and r.stdout.strip().endswith(": ok")

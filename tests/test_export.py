@@ -174,6 +174,16 @@ def test_pt_export_refuses_numpy_values(small, tmp_path):
     assert not os.listdir(tmp_path) or "all.pt" not in os.listdir(tmp_path)
 
 
+@pytest.mark.parametrize("value", [b"", 2**2040, -(2**2041)], ids=["empty-bytes", "int", "neg-int"])
+def test_pt_export_refuses_what_weights_only_cannot_load(small, tmp_path, value):
+    small.save({"model": {"w": torch.ones(2)}, "extra": {"v": value, "ok": 2**2000}}, 3)
+    with pytest.raises(deltackpt.UnsupportedValueError, match="'extra/v'.*weights_only"):
+        small.export(tmp_path / "all.pt", 3, select=None)
+    assert not (tmp_path / "all.pt").exists()
+    small.export(tmp_path / "ok.pt", 3, select="extra/ok")  # the largest LONG1 loads
+    assert torch.load(tmp_path / "ok.pt", weights_only=True) == 2**2000
+
+
 def test_export_refusals_name_the_problem(small, tmp_path):
     small.save({"model": {"c": torch.zeros(2, dtype=torch.complex128)}}, 1)
     with pytest.raises(deltackpt.InvalidInputError, match="'model/c'.*complex128"):

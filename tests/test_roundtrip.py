@@ -360,6 +360,19 @@ def test_parameters_keep_type_and_requires_grad():
     assert type(out["plain"]) is torch.Tensor and not out["plain"].requires_grad
 
 
+def test_plain_tensors_keep_requires_grad_like_torch_load():
+    leaf = det_floats((5,), 1).requires_grad_(True)
+    state = {"leaf": leaf, "computed": leaf * 2, "ints": torch.arange(3)}
+    with memory_store() as store:
+        store.save(state, 0)
+        out = store.load(0)
+    for k in ("leaf", "computed"):
+        assert out[k].requires_grad and out[k].is_leaf and type(out[k]) is torch.Tensor
+        assert torch.equal(out[k].detach(), state[k].detach())
+    assert not out["ints"].requires_grad
+    assert_state_equal(out, state)
+
+
 # -- map_location ------------------------------------------------------------------------
 def _ml_state():
     return {"t": det_floats((3, 5), 1), "p": torch.nn.Parameter(det_floats((2,), 2)),
@@ -399,12 +412,33 @@ def test_map_location_callable_gets_tensor_and_saved_device():
     with memory_store() as store:
         store.save(state, 0)
         out = store.load(0, map_location=relocate)
+    # like torch.load's storages: the callable sees plain, detached tensors
     assert sorted(seen, key=repr) == sorted(
         [(torch.Tensor, torch.float32, (3, 5), "cpu"),
-         (torch.nn.Parameter, torch.float32, (2,), "cpu")], key=repr)
+         (torch.Tensor, torch.float32, (2,), "cpu")], key=repr)
     assert out["t"].dtype == torch.float64
     assert torch.equal(out["t"], state["t"].double())
     assert_state_equal(out["p"], state["p"])
+
+
+def test_a_moved_value_keeps_its_type_and_requires_grad_as_a_leaf():
+    """``lambda t, loc: t.cuda()`` must not turn Parameters into plain tensors or give
+    non-leaf tensors (torch.load rebuilds them after mapping the storages)."""
+    state = {"p": torch.nn.Parameter(det_floats((4,), 1)),
+             "frozen": torch.nn.Parameter(det_floats((2,), 2), requires_grad=False),
+             "g": det_floats((3,), 3).requires_grad_(True), "t": det_floats((3,), 4)}
+    with memory_store() as store:
+        store.save(state, 0)
+        assert_state_equal(store.load(0), state)
+        for ml in (lambda t, loc: t.to("meta"), "meta", {"cpu": "meta"}):
+            out = store.load(0, map_location=ml)
+            for k, v in state.items():
+                got = out[k]
+                assert type(got) is type(v) and got.device.type == "meta", k
+                assert got.requires_grad == v.requires_grad and got.is_leaf, k
+        out = store.load(0, map_location=lambda t, loc: t.double())
+        assert type(out["p"]) is torch.nn.Parameter and out["p"].dtype == torch.float64
+        assert out["g"].requires_grad and out["g"].is_leaf and not out["t"].requires_grad
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -223,16 +223,16 @@ def test_step_not_found_error_names_the_step(op):
 
 @pytest.mark.parametrize("bad,exc", [(-1, ValueError), (True, TypeError), (False, TypeError),
                                      (1.0, TypeError), ("3", TypeError), (None, TypeError),
-                                     (2**63, (ValueError, OverflowError))])
+                                     (2**63, ValueError), (-(2**63) - 1, ValueError)])
 def test_invalid_step_numbers_are_rejected(bad, exc):
     with mem() as s:
         with pytest.raises(exc):
             s.save({"w": torch.ones(2)}, bad)
         assert s.steps() == [] and s.backend.list() == []
         s.save({"w": torch.ones(2)}, 1)
-        if exc is TypeError and bad is not None:
+        if bad is not None and not (exc is ValueError and bad == -1):
             for call in (s.load, s.info, s.delete, s.entries):
-                with pytest.raises(TypeError):
+                with pytest.raises(exc, match="int" if exc is TypeError else "64 bits"):
                     call(bad)
         assert s.steps() == [1]
 
