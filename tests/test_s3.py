@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 import torch
@@ -510,6 +511,68 @@ def test_a_cache_rebuilt_under_a_writer_never_leads_its_gc_to_delete_a_step(tmp_
     with deltackpt.open(url, cache_dir=str(tmp_path / "fresh")) as fresh:
         assert fresh.steps() == [0, 1, 2]
         assert_state_equal(fresh.load(2), state(2))
+
+
+@pytest.mark.parametrize("commit", ["save", "commit_external"])
+def test_a_reader_sharing_the_cache_may_take_a_step_in_before_its_writer_commits(
+        tmp_path, monkeypatch, commit):
+    """Between a writer's manifest PUT and its index transaction, a reader sharing the
+    cache directory refreshes and takes the new step in from that manifest: the writer's
+    commit then finds its own rows there and keeps them instead of failing on them."""
+    import deltackpt.store as store_mod
+
+    url = f"fsspec+memory://taken-{commit}-{os.path.basename(tmp_path)}/store"
+    cache = str(tmp_path / "cache")
+    writer = deltackpt.open(url, cache_dir=cache, block_size=65536)
+    reader = deltackpt.open(url, cache_dir=cache)
+    took: list[list[int]] = []
+
+    def reader_refreshes():
+        reader.refresh()
+        took.append(reader.steps())
+
+    try:
+        writer.save(state(0), step=0)
+        if commit == "save":
+            real_crash_point = store_mod.crash_point
+
+            def at(name):
+                if name == "save:after-manifest":
+                    reader_refreshes()
+                real_crash_point(name)
+
+            monkeypatch.setattr(store_mod, "crash_point", at)
+            writer.save(state(1), step=1, metrics={"loss": 0.5})
+        else:
+            from torch.distributed.checkpoint import save as dcp_save
+
+            from deltackpt.dcp import StorageWriter  # the coordinator's commit_external
+
+            real_put = writer.backend.put
+
+            def put(name, data):
+                real_put(name, data)
+                if name.startswith("manifests/"):
+                    reader_refreshes()
+
+            monkeypatch.setattr(writer.backend, "put", put)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "assuming the intent is ... single process"
+                dcp_save({"w": det_floats((40000,), 7)},
+                         storage_writer=StorageWriter(writer, step=1), no_dist=True)
+        assert took == [[0, 1]], took  # the reader did take step 1 in first
+        assert writer.steps() == [0, 1] and reader.steps() == [0, 1]
+        expected = state(1) if commit == "save" else None
+        if expected is not None:
+            assert_state_equal(writer.load(1), expected)
+            assert writer.info(1).metrics == {"loss": 0.5}
+        assert writer.verify().ok
+    finally:
+        reader.close()
+        writer.close()
+    with deltackpt.open(url, cache_dir=str(tmp_path / "fresh")) as fresh:
+        assert fresh.steps() == [0, 1]
+        assert fresh.verify().ok
 
 
 def test_reindex_keeps_the_frame_whose_delta_chain_resolves(tmp_path):
