@@ -19,6 +19,7 @@ import sqlite3
 import stat
 import threading
 import time
+import urllib.parse
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -2137,16 +2138,38 @@ def open_store(
         backend.sync()
         backend.close()
     index_path = os.path.join(root, INDEX_NAME)
-    if not os.path.exists(index_path) and (
-            os.path.isdir(os.path.join(root, "packs")) or
+    if (os.path.isdir(os.path.join(root, "packs")) or
             os.path.isdir(os.path.join(root, "manifests"))):
         # never start an empty index over existing data: gc would delete it all
-        raise InvalidStoreError(f"{root}: the index ({INDEX_NAME}) is missing but data files "
-                                "exist; run `deltackpt reindex PATH` to rebuild it")
+        state = _index_state(index_path)
+        if state is not None:
+            raise InvalidStoreError(f"{root}: the index ({INDEX_NAME}) is {state} but data "
+                                    "files exist; run `deltackpt reindex PATH` to rebuild it")
     backend = LocalBackend(root, durable=fsync)
     return Store(backend, index_path, cfg,
                  lock_path=os.path.join(root, LOCK_NAME), threads=threads,
                  lock_timeout=lock_timeout, location=root, base_cache_bytes=base_cache_bytes)
+
+
+def _index_state(index_path: str) -> str | None:
+    """``"missing"`` or ``"empty"`` (a file with no deltackpt schema: a truncated or
+    freshly created SQLite file) for an index that would start over as a new store;
+    None for one that holds a schema (or is damaged: opening it reports that)."""
+    if not os.path.exists(index_path):
+        return "missing"
+    if os.path.getsize(index_path) == 0 and not os.path.exists(index_path + "-wal"):
+        return "empty"
+    try:
+        # read-only URI: looking must not create or change anything
+        conn = sqlite3.connect(f"file:{urllib.parse.quote(index_path)}?mode=ro", uri=True)
+        try:
+            row = conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' "
+                               "AND name='meta'").fetchone()
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError:
+        return None
+    return "empty" if row is None else None
 
 
 def wait_all(futures: Iterable[Future]) -> None:

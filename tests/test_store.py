@@ -6,6 +6,7 @@ import collections
 import json
 import math
 import os
+import sqlite3
 import time
 
 import numpy as np
@@ -34,6 +35,7 @@ from deltackpt import (
     StoreClosedError,
     StoreLockedError,
 )
+from deltackpt.reindex import reindex
 
 torch.set_num_threads(1)
 BS = 4096
@@ -600,20 +602,31 @@ def test_open_refuses_an_index_from_a_newer_schema(tmp_path):
         deltackpt.open(path)
 
 
-def test_a_lost_index_never_leads_gc_to_delete_the_data(tmp_path):
+@pytest.mark.parametrize("loss", ["deleted", "truncated", "no schema"])
+def test_a_lost_index_never_leads_gc_to_delete_the_data(tmp_path, loss):
+    """A missing, 0-byte or schema-less index.sqlite beside data files must not open as
+    a new, empty store (its gc would delete every committed step): reindex restores it."""
     path = os.path.join(tmp_path, "s")
     with deltackpt.open(path) as s:
         s.save({"w": det_floats((3000,), 1)}, 1)
     data_files = {**files_under(path, "packs"), **files_under(path, "manifests")}
-    os.remove(os.path.join(path, "index.sqlite"))
-    try:
-        s = deltackpt.open(path)
-    except DeltackptError:
-        pass  # refusing to open (and pointing at reindex) is the safe answer
-    else:
-        with s:
-            s.gc()
+    index = os.path.join(path, "index.sqlite")
+    os.remove(index)
+    if loss == "truncated":
+        open(index, "wb").close()
+    elif loss == "no schema":
+        conn = sqlite3.connect(index)
+        conn.execute("CREATE TABLE other (x)")
+        conn.commit()
+        conn.close()
+    state = "missing" if loss == "deleted" else "empty"
+    with pytest.raises(InvalidStoreError, match=f"index.*{state}.*reindex"):
+        deltackpt.open(path)
     assert {**files_under(path, "packs"), **files_under(path, "manifests")} == data_files
+    reindex(path)
+    with deltackpt.open(path) as s:
+        assert s.steps() == [1]
+        assert_state_equal(s.load(1), {"w": det_floats((3000,), 1)})
 
 
 def test_closed_store_refuses_every_call():
