@@ -507,6 +507,21 @@ def ingest_checkpoint(
             s.close()
 
 
+def _refuse_overlap(store: Store, out_dir: str | os.PathLike) -> None:
+    """Refuse an output directory that is, holds or sits inside the store's local files
+    (its root, or a remote store's cache): replacing it would delete them."""
+    out = os.path.realpath(os.fspath(out_dir))
+    for name in ("root", "cache_dir"):
+        base = getattr(store.backend, name, None) if name == "root" else getattr(
+            store, name, None)
+        if not isinstance(base, str):
+            continue
+        base = os.path.realpath(base)
+        if out == base or out.startswith(base + os.sep) or base.startswith(out + os.sep):
+            raise CheckpointDirError(f"{out}: the output overlaps the store's files in "
+                                     f"{base}; write the checkpoint directory elsewhere")
+
+
 def materialize(
     store: Store | str | os.PathLike,
     step: int | None,
@@ -520,19 +535,27 @@ def materialize(
     Every file is byte-identical to the one ingested. Returns ``out_dir``, ready for
     ``trainer.train(resume_from_checkpoint=out_dir)`` or ``from_pretrained(out_dir)``.
     """
+    materialize_files(store, step, out_dir, overwrite=overwrite, fsync=fsync)
+    return os.fspath(out_dir)
+
+
+def materialize_files(store: Store | str | os.PathLike, step: int | None,
+                      out_dir: str | os.PathLike, *, overwrite: bool = False,
+                      fsync: bool = True) -> list[str]:
+    """:func:`materialize`, returning the names of the files written."""
     s, owned = _with_store(store, create=False)
     try:
+        _refuse_overlap(s, out_dir)
         if step is None:
             step = s.latest()
             if step is None:
                 raise CheckpointDirError(f"{s.location}: the store is empty")
         state = s.load(step)
-        write_checkpoint_dir(state, out_dir, overwrite=overwrite, fsync=fsync,
-                             where=f"{s.location}: step {step}")
+        return write_checkpoint_dir(state, out_dir, overwrite=overwrite, fsync=fsync,
+                                    where=f"{s.location}: step {step}")
     finally:
         if owned:
             s.close()
-    return os.fspath(out_dir)
 
 
 def resume_checkpoint(store: Store | str | os.PathLike, output_dir: str | os.PathLike,

@@ -50,7 +50,15 @@ from .reindex import (
     rebuild_into,
     record_manifest_etags,
 )
-from .store import CONFIG_NAME, INDEX_NAME, Store, StoreConfig, _new_config, existing_config
+from .store import (
+    CONFIG_NAME,
+    INDEX_NAME,
+    IndexDisagreesError,
+    Store,
+    StoreConfig,
+    _new_config,
+    existing_config,
+)
 
 LEASE_NAME = "lease.json"
 #: times a refresh starts over when another process commits to the shared cache meanwhile
@@ -475,13 +483,19 @@ class RemoteStore(Store):
         """
         with self._mutex:
             self._check_open()
+            return self._refresh(check_packs)
+
+    def _refresh(self, check_packs: bool, rebuild: bool = False) -> ReindexResult:
+        """:meth:`refresh`; ``rebuild`` rebuilds the cache whatever the listing shows."""
+        with self._mutex:
             # another process sharing this cache may commit to it between this listing and
             # the rebuild's commit (a writer's save, thin or gc): the rebuild then writes
             # nothing and starts over, or it would put back what that process replaced
             for _ in range(_REFRESH_ATTEMPTS):
                 try:
                     return self._refresh_once(
-                        check_packs, self._index.query("PRAGMA data_version")[0][0])
+                        check_packs, self._index.query("PRAGMA data_version")[0][0],
+                        rebuild)
                 except CacheChanged:
                     continue
             raise StoreLockedError(f"{self.location}: the cache in {self.cache_dir} kept "
@@ -489,13 +503,14 @@ class RemoteStore(Store):
                                    "are writing); try again, or give this process a "
                                    "cache_dir of its own")
 
-    def _refresh_once(self, check_packs: bool, version: int) -> ReindexResult:
+    def _refresh_once(self, check_packs: bool, version: int,
+                      rebuild: bool = False) -> ReindexResult:
         """One try of :meth:`refresh`; ``version``: the cache's ``PRAGMA data_version``
         before listing (a commit from another connection since makes it raise
         :class:`CacheChanged`, writing nothing)."""
         with self._mutex:
             listing = self.backend.list_info(MANIFEST_PREFIX)
-            if is_partial(self._index) or self._manifests_changed(listing):
+            if rebuild or is_partial(self._index) or self._manifests_changed(listing):
                 # a DCP rank's catch-ups located only its own blocks, or a manifest this
                 # cache holds was rewritten (thin) or its step saved anew: rebuild
                 listing.update(self.backend.list_info(PACK_PREFIX))
@@ -730,9 +745,17 @@ class RemoteStore(Store):
         try:
             return super()._load_once(step, map_location, select)
         except FileNotFoundError:
-            # another writer's gc removed a pack: catch up before Store.load re-plans
+            # another writer's gc removed a pack: catch up and re-plan (a rebuilt cache
+            # may number its packs as before, so Store.load's own check could miss it)
             self.refresh(check_packs=True)
-            raise
+            if self.last_refresh == "none":
+                raise
+            return super()._load_once(step, map_location, select)
+        except IndexDisagreesError:
+            # the manifest is the truth and this index only a cache of it, which missed a
+            # rewrite its listing could not show (a store without ETags): rebuild, re-plan
+            self._refresh(check_packs=True, rebuild=True)
+            return super()._load_once(step, map_location, select)
 
 
 def _etags(listing: dict[str, dict[str, Any]]) -> dict[str, str | None]:

@@ -854,7 +854,7 @@ class Store:
             return
         why = _index_disagrees(payload, step, tree_text, rows)
         if why is not None:
-            raise CorruptionError(
+            raise IndexDisagreesError(
                 f"{self._index.path}: step {step}: the index disagrees with manifest "
                 f"{manifest} ({why}); the index is damaged: rebuild it with "
                 f"`deltackpt reindex {self.location}`")
@@ -2149,6 +2149,11 @@ def open_store(
     return Store(backend, index_path, cfg,
                  lock_path=os.path.join(root, LOCK_NAME), threads=threads,
                  lock_timeout=lock_timeout, location=root, base_cache_bytes=base_cache_bytes)
+
+
+class IndexDisagreesError(CorruptionError):
+    """The index rows of a step contradict its checksummed manifest: a damaged local
+    index, or a remote store's cache that missed a rewrite of that manifest."""
 
 
 def _index_state(index_path: str) -> str | None:

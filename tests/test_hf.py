@@ -302,6 +302,41 @@ def test_materialize_errors_and_cli(tmp_path, reference):
     assert not os.path.exists(tmp_path / "y")
 
 
+@pytest.mark.parametrize("where", ["packs", ".", "..", "cache"])
+def test_materialize_never_replaces_the_stores_own_files(tmp_path, where):
+    """Found in review: ``materialize -o STORE/packs --force`` deleted every pack."""
+    d = tmp_path / "checkpoint-2"
+    d.mkdir()
+    (d / "trainer_state.json").write_text("{}")
+    store_dir = tmp_path / "inner" / "store"
+    url = f"fsspec+memory://mat-{where}-{os.path.basename(tmp_path)}/s"
+    remote = where == "cache"
+    with deltackpt.open(url if remote else str(store_dir),
+                        **({"cache_dir": str(store_dir)} if remote else {})) as s:
+        ingest_checkpoint(s, str(d))
+        before = sorted(p.relative_to(store_dir).as_posix() for p in store_dir.rglob("*")
+                        if p.is_file())
+        if remote:  # the API, with the store whose cache is there
+            with pytest.raises(CheckpointDirError, match="overlaps the store"):
+                materialize(s, 2, str(store_dir), overwrite=True)
+    if not remote:
+        out = str(store_dir / "packs") if where == "packs" else str(
+            (store_dir / where).resolve())
+        r = CliRunner().invoke(cli_main, ["materialize", str(store_dir), "2", "-o", out,
+                                          "--force"])
+        assert r.exit_code == 2 and "overlaps the store" in r.output, r.output
+    after = sorted(p.relative_to(store_dir).as_posix() for p in store_dir.rglob("*")
+                   if p.is_file())
+    def data(names):  # SQLite's side files come and go with connections
+        return [f for f in names if not f.startswith("index.sqlite")
+                and not f.endswith(("-wal", "-shm"))]
+
+    assert data(after) == data(before) and (remote or "packs" in "".join(before))
+    r = CliRunner().invoke(cli_main, ["materialize", url if remote else str(store_dir), "2",
+                                      "-o", str(tmp_path / "elsewhere")])
+    assert r.exit_code == 0, r.output
+
+
 def _materialized(reference, tmp_path, step: int):
     path = tmp_path / f"api{step}"
     materialize(reference["store"], step, str(path))

@@ -18,12 +18,10 @@ from ._common import emit_json, handle_errors, json_option, open_existing, path_
 def materialize_cmd(path: str, step: int, output: str, force: bool, as_json: bool) -> None:
     """Rebuild the checkpoint directory stored as STEP (by deltackpt.hf), byte-identical,
     for trainer.train(resume_from_checkpoint=OUTPUT) or from_pretrained(OUTPUT)."""
-    from ..hf import write_checkpoint_dir
+    from ..hf import materialize_files
 
     with open_existing(path) as store:
-        state = store.load(step)
-        files = write_checkpoint_dir(state, output, overwrite=force,
-                                     where=f"{store.location}: step {step}")
+        files = materialize_files(store, step, output, overwrite=force)
     if as_json:
         emit_json({"step": step, "output": output, "files": files})
     else:
