@@ -47,10 +47,12 @@ every tensor into fresh memory on each save instead); with it, keep
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -158,14 +160,19 @@ def read_placeholder(path: str | os.PathLike) -> dict[str, Any] | None:
     return data
 
 
-def _note_path(note: str | None) -> str | None:
+def _note(note: str | None) -> dict[str, Any]:
+    """The JSON object a save of this plugin wrote as the step's note ({} for others)."""
     if not note or not note.startswith("{"):
-        return None
+        return {}
     try:
         data = json.loads(note)
     except ValueError:
-        return None
-    p = data.get("lightning_path") if isinstance(data, dict) else None
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _note_path(note: str | None) -> str | None:
+    p = _note(note).get("lightning_path")
     return p if isinstance(p, str) else None
 
 
@@ -384,6 +391,11 @@ class DeltaCheckpointIO(_CheckpointIO):
         except UnsupportedValueError as exc:
             raise _explain_unsupported(exc, target) from None
         record.snapshot_s = time.perf_counter() - t1
+        # now, not in the worker: Lightning links last.ckpt to this path right after this
+        # call returns (save_last="link"), and the link needs the directory (a failure
+        # here is the worker's to report, with the placeholder it cannot write)
+        with contextlib.suppress(OSError):
+            os.makedirs(os.path.dirname(target), exist_ok=True)
         self._next_snap = (i + 1) % self.max_pending
         self._snap_busy[i] = self._submit(self._save_job, snap, target, record,
                                           background=True)
@@ -404,7 +416,11 @@ class DeltaCheckpointIO(_CheckpointIO):
         paths = self._mapping()
         step = (store.latest() or 0) + 1
         gs, epoch = state.get("global_step"), state.get("epoch")
-        note = json.dumps({"lightning_path": target, "global_step": gs, "epoch": epoch})
+        # ties the placeholder to this save: a step number alone is reused when the store
+        # is recreated at the same path or its latest step deleted
+        save_id = uuid.uuid4().hex
+        note = json.dumps({"lightning_path": target, "global_step": gs, "epoch": epoch,
+                           "save_id": save_id})
         metrics = {k: v for k, v in (("epoch", epoch), ("global_step", gs)) if type(v) is int}
         t0 = time.perf_counter()
         res = store.save(state, step, metrics=metrics, tags=[os.path.basename(target)],
@@ -414,8 +430,8 @@ class DeltaCheckpointIO(_CheckpointIO):
             step, res.logical_bytes, res.written_bytes
         _write_placeholder(target, {
             "kind": PLACEHOLDER_KIND, "version": PLACEHOLDER_VERSION,
-            "store": store.location, "step": step, "global_step": gs, "epoch": epoch,
-            "load_with": "deltackpt.lightning.load_checkpoint(path)",
+            "store": store.location, "step": step, "save_id": save_id, "global_step": gs,
+            "epoch": epoch, "load_with": "deltackpt.lightning.load_checkpoint(path)",
         }, self._durable)
         with self._lock:
             old = paths.get(target, [])
@@ -535,25 +551,36 @@ def _load(path: Any, map_location: Any, io: DeltaCheckpointIO | None) -> dict[st
     step, location = data["step"], data["store"]
     if io is not None and (io._store_path == location or
                            (io._store is not None and io._store.location == location)):
-        return _load_step(io.store, step, target, map_location)
+        return _load_step(io.store, step, target, map_location, data)
     if os.path.isdir(location):
         with open_store(location, create=False) as other:
-            return _load_step(other, step, target, map_location)
+            return _load_step(other, step, target, map_location, data)
     if io is not None:
         # the store moved: accept our store's step only if it was saved for this file
         info = io.store.info(step) if step in io.store else None
         if info is not None and os.path.basename(_note_path(info.note) or "") == \
                 os.path.basename(target):
-            return _load_step(io.store, step, target, map_location)
+            return _load_step(io.store, step, target, map_location, data)
     raise CheckpointNotFoundError(f"{target}: the placeholder points to step {step} of "
                                   f"{location}, which does not exist")
 
 
-def _load_step(store: Store, step: int, target: str, map_location: Any) -> dict[str, Any]:
+def _load_step(store: Store, step: int, target: str, map_location: Any,
+               placeholder: dict[str, Any]) -> dict[str, Any]:
     if step not in store:
         raise StepNotFoundError(f"{target}: the placeholder points to step {step} of "
                                 f"{store.location}, which is not committed (deleted, or the "
                                 "save did not finish)")
+    note = _note(store.info(step).note)
+    want = placeholder.get("save_id")
+    # placeholders before save ids: the step must at least have been saved for this file
+    same = (note.get("save_id") == want if want is not None else
+            os.path.basename(str(note.get("lightning_path", ""))) == os.path.basename(target))
+    if not same:
+        raise CheckpointNotFoundError(
+            f"{target}: the placeholder points to step {step} of {store.location}, which "
+            "now holds another save (the store was recreated, or that step deleted and its "
+            "number reused): the checkpoint this file stood for is gone")
     return store.load(step, map_location=map_location)
 
 

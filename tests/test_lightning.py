@@ -26,6 +26,7 @@ from helpers import assert_state_equal  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.plugins.io import AsyncCheckpointIO  # noqa: E402
 
+import deltackpt  # noqa: E402
 from deltackpt import BackgroundSaveError, UnsupportedValueError  # noqa: E402
 from deltackpt.lightning import (  # noqa: E402
     CheckpointNotFoundError,
@@ -309,6 +310,42 @@ def test_background_failure_surfaces_at_the_next_call(tmp_path):
     with pytest.raises(BackgroundSaveError, match="FileExistsError|NotADirectoryError"):
         io.wait()
     io.teardown()
+
+
+@pytest.mark.parametrize("how", ["recreated", "latest-deleted"])
+def test_a_placeholder_never_loads_another_save_that_reused_its_step(tmp_path, how):
+    """Found in review: a placeholder recorded (store, step) only, and both the store
+    recreated at its path and its latest step deleted by hand reuse step numbers."""
+    store = str(tmp_path / "store")
+    old = str(tmp_path / "ck" / "epoch=1-step=100.ckpt")
+    io = DeltaCheckpointIO(store)
+    io.save_checkpoint({"global_step": 100, "w": torch.zeros(4)}, old)
+    io.teardown()
+    if how == "recreated":
+        shutil.rmtree(store)
+    else:
+        with deltackpt.open(store) as s:
+            s.delete(1)
+    io = DeltaCheckpointIO(store)
+    io.save_checkpoint({"global_step": 7, "w": torch.ones(4)}, str(tmp_path / "ck" / "n.ckpt"))
+    assert io.store.steps() == [1]  # the old placeholder's step number, another save
+    for load in (io.load_checkpoint, load_checkpoint):
+        with pytest.raises(CheckpointNotFoundError, match="now holds another save"):
+            load(old)
+    assert_state_equal(load_checkpoint(str(tmp_path / "ck" / "n.ckpt")),
+                       {"global_step": 7, "w": torch.ones(4)})
+    io.teardown()
+
+
+def test_async_saves_with_save_last_link_into_a_new_directory(tmp_path):
+    """Lightning links last.ckpt to the file right after save_checkpoint returns; with
+    async saves the directory did not exist yet and fit() died at the first save."""
+    ckdir = str(tmp_path / "new" / "ck")
+    io = DeltaCheckpointIO(str(tmp_path / "store"), async_save=True)
+    train(ckdir, plugins=[io], epochs=2, save_last="link")  # noqa: F821
+    assert os.path.islink(os.path.join(ckdir, "last.ckpt"))
+    last = load_checkpoint(os.path.join(ckdir, "last.ckpt"))
+    assert last["epoch"] == 1 and last["global_step"] == 8
 
 
 def test_load_outside_a_trainer_and_foreign_files(reference, tmp_path):
