@@ -61,6 +61,13 @@ def count_leaves(state: Any) -> int:
     return 1
 
 
+def check_output_file(path: str | os.PathLike) -> None:
+    """Refuse an output file whose directory does not exist, before any work."""
+    parent = os.path.dirname(os.path.abspath(os.fspath(path)))
+    if not os.path.isdir(parent):
+        raise InvalidInputError(f"{os.fspath(path)}: directory {parent} does not exist")
+
+
 def write_safetensors(state: Any, path: str | os.PathLike,
                       metadata: dict[str, str] | None = None) -> tuple[int, int]:
     """Write the tensors of ``state`` to a .safetensors file keyed by their paths.
@@ -69,6 +76,7 @@ def write_safetensors(state: Any, path: str | os.PathLike,
     """
     from safetensors.torch import save_file
 
+    check_output_file(path)
     tensors = {}
     for name, t in iter_tensors(state):
         if torch_dtype_name(t.dtype) not in SAFETENSORS_DTYPES:
@@ -87,6 +95,7 @@ def write_safetensors(state: Any, path: str | os.PathLike,
 
 def write_pt(state: Any, path: str | os.PathLike) -> None:
     """Write the full structure with ``torch.save`` (atomically)."""
+    check_output_file(path)
     tmp = f"{os.fspath(path)}.partial"
     torch.save(state, tmp)
     os.replace(tmp, path)
@@ -527,6 +536,7 @@ def write_tensor_files(
     from .progress import bar
 
     if shard_limit is None:
+        check_output_file(out)
         shards = [(out, list(range(len(items))))]
     else:
         os.makedirs(out, exist_ok=True)

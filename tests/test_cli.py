@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -153,6 +154,35 @@ def test_restore_refuses_unknown_extension(store_dir, tmp_path):
                                   os.path.join(tmp_path, "x.bin")])
     assert r.exit_code != 0
     assert not os.path.exists(os.path.join(tmp_path, "x.bin"))
+
+
+def test_restore_to_pt_refuses_what_only_a_full_unpickler_could_load(tmp_path):
+    path = os.path.join(tmp_path, "s")
+    with deltackpt.open(path) as s:
+        s.save({"model": {"w": torch.ones(2)}, "rng": {"numpy": np.arange(3)}}, 1)
+    out = os.path.join(tmp_path, "x.pt")
+    r = CliRunner().invoke(main, ["restore", path, "1", "-o", out])
+    assert_one_line_error(r, 5, "'rng/numpy'", "weights_only")
+    assert not os.path.exists(out)
+    assert run("restore", path, 1, "-o", out, "--select", "model").exit_code == 0
+    assert_state_equal(torch.load(out, weights_only=True), {"model": {"w": torch.ones(2)}})
+
+
+@pytest.mark.parametrize("cmd", [["restore", "1"], ["export", "1"], ["average", "--steps", "1,2"]])
+def test_an_output_in_a_missing_directory_is_a_one_line_error(store_dir, tmp_path, cmd):
+    for ext in (".pt", ".safetensors"):
+        out = os.path.join(tmp_path, "nodir", "x" + ext)
+        r = CliRunner().invoke(main, [cmd[0], store_dir, *cmd[1:], "-o", out])
+        assert_one_line_error(r, 2, "nodir", "does not exist")
+
+
+@pytest.mark.parametrize("args", [["show", "{s}", str(2**64)], ["delete", "{s}", str(2**63)],
+                                  ["diff", "{s}", "1", str(2**63)],
+                                  ["verify", "{s}", "--step", str(2**70)]])
+def test_steps_wider_than_64_bits_are_usage_errors(store_dir, args):
+    r = CliRunner().invoke(main, [a.format(s=store_dir) for a in args])
+    assert r.exit_code == 2 and "is not in the range" in r.output and r.exception is not None
+    assert "Traceback" not in r.output
 
 
 def test_restore_to_safetensors_refuses_a_dtype_it_cannot_hold(tmp_path):

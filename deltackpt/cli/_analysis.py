@@ -10,6 +10,7 @@ import click
 from ..progress import bar
 from ..units import human
 from ._common import (
+    STEP,
     emit_json,
     handle_errors,
     json_option,
@@ -31,8 +32,8 @@ def _ratio(x: float) -> str:
 @click.option("--csv", "as_csv", is_flag=True, help="Print CSV (one row per step and component).")
 @click.option("--by-entry", is_flag=True, help="Show the entries that cost the most instead.")
 @click.option("--top", default=20, show_default=True, type=int, help="Entries shown by --by-entry.")
-@click.option("--from", "first", type=int, default=None, help="First step of --by-entry's range.")
-@click.option("--to", "last", type=int, default=None, help="Last step of --by-entry's range.")
+@click.option("--from", "first", type=STEP, default=None, help="First step of --by-entry's range.")
+@click.option("--to", "last", type=STEP, default=None, help="Last step of --by-entry's range.")
 @handle_errors
 def stats_cmd(path: str, as_json: bool, as_csv: bool, by_entry: bool, top: int,
               first: int | None, last: int | None) -> None:
@@ -111,8 +112,8 @@ def _num(x: float | None, fmt: str = "{:.4g}") -> str:
 
 @click.command("diff")
 @path_argument
-@click.argument("a", type=int)
-@click.argument("b", type=int)
+@click.argument("a", type=STEP)
+@click.argument("b", type=STEP)
 @click.option("--select", multiple=True, help="Compare only this subtree (repeatable).")
 @click.option("--no-data", is_flag=True, help="Index only: no decoding, no numeric change.")
 @click.option("--all", "show_all", is_flag=True, help="List unchanged entries too.")

@@ -67,6 +67,9 @@ def handle_errors(fn: Callable) -> Callable:
     return wrapper
 
 
+#: a step number as the index holds it (SQLite INTEGER): click reports anything wider
+STEP = click.IntRange(-(2**63), 2**63 - 1)
+
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 path_argument = click.argument("path", type=click.Path(file_okay=False))
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import click
 
-from ._common import emit_json, handle_errors, json_option, open_existing, path_argument
+from ._common import STEP, emit_json, handle_errors, json_option, open_existing, path_argument
 
 
 @click.command("materialize")
 @path_argument
-@click.argument("step", type=int)
+@click.argument("step", type=STEP)
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False),
               help="Directory to create, e.g. out/checkpoint-200.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT when it exists.")

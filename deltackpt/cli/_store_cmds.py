@@ -11,6 +11,7 @@ from ..errors import DeltackptError
 from ..progress import bar
 from ..units import human
 from ._common import (
+    STEP,
     emit_json,
     handle_errors,
     json_option,
@@ -56,7 +57,7 @@ def log_cmd(path: str, as_json: bool) -> None:
 
 @click.command("show")
 @path_argument
-@click.argument("step", type=int, required=False)
+@click.argument("step", type=STEP, required=False)
 @json_option
 @handle_errors
 def show_cmd(path: str, step: int | None, as_json: bool) -> None:
@@ -114,7 +115,7 @@ def _load_cpu(store, step: int | None, select: list[str] | None, quiet: bool):
 
 @click.command("restore")
 @path_argument
-@click.argument("step", type=int, required=False)
+@click.argument("step", type=STEP, required=False)
 @click.option(
     "-o",
     "--output",
@@ -128,12 +129,15 @@ def _load_cpu(store, step: int | None, select: list[str] | None, quiet: bool):
 def restore_cmd(path: str, step: int | None, output: str, select: tuple[str, ...],
                 quiet: bool) -> None:
     """Write STEP (default: latest) to a .safetensors or .pt file."""
-    from ..export import write_pt, write_safetensors
+    from ..export import check_output_file, check_weights_only, write_pt, write_safetensors
 
     if not output.endswith((".safetensors", ".pt")):
         raise click.BadParameter("output must end in .safetensors or .pt", param_hint="-o")
+    check_output_file(output)
     with open_existing(path) as store:
         step, state = _load_cpu(store, step, list(select) or None, quiet)
+    if output.endswith(".pt"):
+        check_weights_only(state)  # no file that only loads with pickle's full powers
     if output.endswith(".safetensors"):
         n, skipped = write_safetensors(state, output, metadata={"deltackpt_step": str(step)})
         click.echo(
@@ -150,7 +154,7 @@ def restore_cmd(path: str, step: int | None, output: str, select: tuple[str, ...
 
 @click.command("verify")
 @path_argument
-@click.option("--step", type=int, default=None, help="Check only this step.")
+@click.option("--step", type=STEP, default=None, help="Check only this step.")
 @json_option
 @quiet_option
 @handle_errors
@@ -183,7 +187,7 @@ def verify_cmd(path: str, step: int | None, as_json: bool, quiet: bool) -> None:
 
 @click.command("delete")
 @path_argument
-@click.argument("steps", type=int, nargs=-1, required=True)
+@click.argument("steps", type=STEP, nargs=-1, required=True)
 @handle_errors
 def delete_cmd(path: str, steps: tuple[int, ...]) -> None:
     """Delete STEPS (space is reclaimed by gc)."""

@@ -5,8 +5,9 @@ from __future__ import annotations
 import click
 
 from .. import open_store
+from ..export import check_output_file
 from ..units import human
-from ._common import emit_json, handle_errors, json_option, open_existing, path_argument
+from ._common import STEP, emit_json, handle_errors, json_option, open_existing, path_argument
 
 
 def _selection(select: tuple[str, ...], whole: bool) -> list[str] | None:
@@ -32,6 +33,8 @@ def _check_output(output: str, max_shard_size: int | None) -> None:
     if max_shard_size is None and not output.endswith((".safetensors", ".pt", ".pth")):
         raise click.BadParameter("must end in .safetensors or .pt (or be a directory, with "
                                  "--max-shard-size)", param_hint="-o")
+    if max_shard_size is None:
+        check_output_file(output)
 
 
 select_option = click.option(
@@ -59,7 +62,7 @@ def _report(result, as_json: bool, what: str) -> None:
 
 @click.command("export")
 @path_argument
-@click.argument("step", type=int, required=False)
+@click.argument("step", type=STEP, required=False)
 @click.option("-o", "--output", required=True, type=click.Path(),
               help="A .safetensors or .pt file, or a directory with --max-shard-size.")
 @select_option
@@ -81,7 +84,7 @@ def export_cmd(path: str, step: int | None, output: str, select: tuple[str, ...]
 @click.command("import")
 @path_argument
 @click.argument("source", type=click.Path(exists=True))
-@click.option("--step", type=int, required=True, help="Step number to store it as.")
+@click.option("--step", type=STEP, required=True, help="Step number to store it as.")
 @click.option("--prefix", default=None,
               help="Place the content under this path, e.g. 'model' for a model checkpoint.")
 @click.option("--flat", is_flag=True,
@@ -133,7 +136,7 @@ def _steps(value: str) -> list[int]:
               help="Write the result: .safetensors or .pt, or a directory with "
                    "--max-shard-size.")
 @shard_option
-@click.option("--save-step", type=int, default=None, help="Also save the result as this step.")
+@click.option("--save-step", type=STEP, default=None, help="Also save the result as this step.")
 @json_option
 @handle_errors
 def average_cmd(path: str, steps_arg: str, select: tuple[str, ...], whole: bool,
