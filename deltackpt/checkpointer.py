@@ -342,6 +342,8 @@ class Checkpointer:
         self._error: tuple[SaveRecord, str, BaseException] | None = None
         self._last_step: int | None = None
         self._reclaimed = False
+        #: steps newer than the one resume() restored, saved by an earlier run
+        self._resumed_before: set[int] = set()
         self._closed = False
 
     # -- configuration -----------------------------------------------------------
@@ -412,12 +414,17 @@ class Checkpointer:
             restore_rng(state["rng"])
 
     def resume(self, step: int | None = None, map_location: Any = "cpu",
-               strict: bool = True) -> int:
+               strict: bool = True, discard_newer: bool = False) -> int:
         """Restore the latest checkpoint (or ``step``); returns its step, 0 for a new run.
 
         Restores the model, optimizer, scheduler, registered extras and RNG
         states. Tensors are loaded to ``map_location`` (default CPU) and copied
         into the model's and optimizer's own devices by their load_state_dict.
+
+        Resuming from a step older than the latest (a rollback, e.g. past a loss spike)
+        leaves the newer steps alone, and saving over one of them then raises
+        :class:`StepExistsError`; ``discard_newer=True`` deletes them once the state is
+        restored, so the run saves its new history under the same step numbers.
         """
         self.wait()
         if step is None:
@@ -426,8 +433,16 @@ class Checkpointer:
                 return 0
         state = self._store.load(step, map_location=map_location)
         self.restore(state, strict=strict)
-        self._last_step = int(step)
-        return int(step)
+        step = int(step)
+        newer = [s for s in self._store.steps() if s > step]
+        if discard_newer and newer:
+            for s in newer:
+                self._store.delete(s)
+            reclaim(self._store)
+            newer = []
+        self._resumed_before = set(newer)
+        self._last_step = step
+        return step
 
     # -- saving --------------------------------------------------------------------
     def due(self, step: int, metrics: dict[str, Any] | None = None) -> bool:
@@ -478,6 +493,11 @@ class Checkpointer:
         step = _check_step(step)
         clean = _clean_metrics(metrics)
         if step in self._store:
+            if step in self._resumed_before:
+                raise StepExistsError(
+                    f"{self._store.location}: step {step} already exists: this run resumed "
+                    f"from an older step, and step {step} was saved before that; pass "
+                    "resume(step, discard_newer=True) to roll the store back with the run")
             raise StepExistsError(f"{self._store.location}: step {step} already exists; "
                                   "was resume() called?")
         record = SaveRecord(step, self.async_save, wait_s=t_wait)

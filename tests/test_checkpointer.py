@@ -249,6 +249,37 @@ def test_resume_restores_everything(store_path):
     assert bits_equal(draws, expect["draws"])
 
 
+@pytest.mark.parametrize("async_save", [False, True])
+def test_rolling_back_to_an_older_step(store_path, async_save):
+    """resume(older) keeps the newer steps and refuses to save over them with a message
+    that says how to roll back; discard_newer=True deletes them and the run re-saves."""
+    model = small_model(0)
+    with Checkpointer(store_path, model=model, every_n_steps=10,
+                      async_save=async_save) as ck:
+        for s in range(1, 31):
+            ck.step(s)
+    with Checkpointer(store_path, model=small_model(1), every_n_steps=10,
+                      async_save=async_save) as ck:
+        assert ck.resume(step=10) == 10
+        assert ck.store.steps() == [10, 20, 30]
+        with pytest.raises(StepExistsError, match="discard_newer=True"):
+            for s in range(11, 21):
+                ck.step(s)
+    replay = small_model(2)
+    with Checkpointer(store_path, model=replay, every_n_steps=10,
+                      async_save=async_save) as ck:
+        assert ck.resume(step=10, discard_newer=True) == 10
+        assert ck.store.steps() == [10]
+        with torch.no_grad():
+            replay[0].weight.add_(1.0)
+        for s in range(11, 21):
+            ck.step(s)
+        ck.wait()
+        assert ck.store.steps() == [10, 20]
+        assert bits_equal(ck.store.load(20)["model"], dict(replay.state_dict()))
+        assert ck.store.verify().ok
+
+
 def test_resume_missing_extra_is_an_error_unless_not_strict(store_path):
     with Checkpointer(store_path, model=small_model()) as ck:
         ck.save(1)
