@@ -14,7 +14,7 @@ import numpy as np
 
 from ._torch import torch
 from .dtypes import loadable_torch_dtype, numpy_dtype
-from .errors import UnsupportedValueError
+from .errors import InvalidInputError, UnsupportedValueError
 from .flatten import Leaf
 
 
@@ -107,6 +107,13 @@ def move(value: Any, map_location: Any, saved_device: str) -> Any:
     target = torch.device(target)
     if target.type == "cpu":
         return value
+    if target.type == "cuda":
+        have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (target.index or 0) >= have:
+            raise InvalidInputError(
+                f"a tensor saved on {saved_device} would go to {target}, and this machine "
+                f"has {have} CUDA device(s); pass map_location='cpu' (or a dict or callable) "
+                "to load it elsewhere")
     return _as_restored(data.to(target, non_blocking=True), value)
 
 

@@ -441,6 +441,14 @@ def test_a_moved_value_keeps_its_type_and_requires_grad_as_a_leaf():
         assert out["g"].requires_grad and out["g"].is_leaf and not out["t"].requires_grad
 
 
+def test_a_device_this_machine_lacks_is_a_clear_error():
+    with memory_store() as store:
+        store.save(_ml_state(), 0)
+        with pytest.raises(deltackpt.InvalidInputError, match="cuda:99.*map_location='cpu'"):
+            store.load(0, map_location="cuda:99")
+        assert_state_equal(store.load(0, map_location="cpu"), _ml_state())
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_tensors_return_to_their_device_unless_mapped():
     t = det_floats((3000,), 1).cuda()
