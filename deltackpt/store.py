@@ -2160,9 +2160,15 @@ def _index_state(index_path: str) -> str | None:
     """``"missing"`` or ``"empty"`` (a file with no deltackpt schema: a truncated or
     freshly created SQLite file) for an index that would start over as a new store;
     None for one that holds a schema (or is damaged: opening it reports that)."""
-    if not os.path.exists(index_path):
+    try:
+        st = os.stat(index_path)
+    except FileNotFoundError:
         return "missing"
-    if os.path.getsize(index_path) == 0 and not os.path.exists(index_path + "-wal"):
+    side = [index_path + suffix for suffix in ("-wal", "-shm")]
+    if not stat.S_ISREG(st.st_mode) or any(
+            os.path.exists(p) and not os.path.isfile(p) for p in side):
+        return None  # a FIFO or device: the index's own open refuses it without blocking
+    if st.st_size == 0 and not os.path.exists(side[0]):
         return "empty"
     try:
         # read-only URI: looking must not create or change anything
