@@ -92,6 +92,39 @@ def _numeric(kind: str, dtype: str) -> Callable[[np.ndarray], torch.Tensor] | No
     return None
 
 
+def _int_view(kind: str, dtype: str) -> np.dtype | None:
+    """The numpy dtype of an integer entry (torch or numpy), None for other entries."""
+    if kind in ("tensor", "parameter"):
+        try:
+            dt = torch_dtype(dtype)
+        except KeyError:
+            return None
+        if dt.is_floating_point or dt.is_complex or dt == torch.bool:
+            return None
+        return np.dtype(torch.empty(0, dtype=dt).numpy().dtype).newbyteorder("<")
+    if kind == "ndarray":
+        try:
+            nd = numpy_dtype(dtype)
+        except KeyError:
+            return None
+        return nd if nd.kind in "iu" else None
+    return None
+
+
+def _int_difference(nd: np.dtype, buf_a: np.ndarray, buf_b: np.ndarray) -> torch.Tensor:
+    """B − A of integer elements as float64, exact before the final rounding: int64 and
+    uint64 values past 2^53 differ by less than their float64 spacing (2^60 vs 2^60 + 1)."""
+    a, b = buf_a.view(nd), buf_b.view(nd)
+    if nd.itemsize < 8:
+        return torch.from_numpy((b.astype(np.int64) - a.astype(np.int64)).astype(np.float64))
+    # split into 32-bit halves: each half's difference is exact in int64
+    wide = np.int64 if nd.kind == "i" else np.uint64
+    a, b = a.astype(wide), b.astype(wide)
+    hi = (b >> 32).astype(np.int64) - (a >> 32).astype(np.int64)
+    lo = (b & 0xFFFFFFFF).astype(np.int64) - (a & 0xFFFFFFFF).astype(np.int64)
+    return torch.from_numpy(hi.astype(np.float64) * 4294967296.0 + lo.astype(np.float64))
+
+
 def diff(store: Store, a: int, b: int, *, data: bool = True,
          select: Sequence[str] | str | None = None, progress: Any = None) -> dict[str, Any]:
     """Compare step ``a`` with step ``b``; see the module docstring for each number.
@@ -144,8 +177,9 @@ def diff(store: Store, a: int, b: int, *, data: bool = True,
                "stored_bytes": sum(locations[bid].length for bid in new_ids)}
         rows.append(row)
         pairs.append((row, old, e))
+    delta_total = 0
     if data:
-        _numbers(store, pairs, locations, progress, _Decoder)
+        delta_total = _numbers(store, pairs, locations, progress, _Decoder)
     changed_rows = [r for r in rows if r["blocks_changed"]]
     total = {
         "entries": len(rows),
@@ -158,16 +192,19 @@ def diff(store: Store, a: int, b: int, *, data: bool = True,
         "added": len(added), "removed": len(removed), "retyped": len(retyped),
     }
     if data:
-        total["delta_bytes"] = sum(r.get("delta_bytes", 0) for r in rows)
+        total["delta_bytes"] = delta_total
     return {"a": a, "b": b, "entries": rows, "added": added, "removed": removed,
             "retyped": retyped, "total": total}
 
 
 def _numbers(store: Store, pairs: list[tuple[dict, _Entry, _Entry]], locations: dict,
-             progress: Any, decoder_cls: Any) -> None:
+             progress: Any, decoder_cls: Any) -> int:
+    """Fill the numbers of each row; returns the delta bytes of the distinct changed
+    blocks (a block two entries share, tied weights, is written once)."""
     cfg = store.config
     # A's blocks, and B's where they differ: each decoded once per use
     convs = [_numeric(new.kind, new.dtype) for _, _, new in pairs]
+    ints = [_int_view(new.kind, new.dtype) for _, _, new in pairs]
     plan: list[tuple[int, int, bytes, bytes | None]] = []  # (pair, position, id in A, id in B)
     for i, (_, old, new) in enumerate(pairs):
         for k, (ia, ib) in enumerate(zip(old.ids, new.ids)):
@@ -195,13 +232,15 @@ def _numbers(store: Store, pairs: list[tuple[dict, _Entry, _Entry]], locations: 
         va = conv(buf_a) if conv is not None else None
         sa = float((va.abs() ** 2).sum()) if va is not None else 0.0
         if ib is None:
-            return i, 0.0, 0.0, sa, 0, la
+            return i, 0.0, 0.0, sa, 0, la, None
         lb = locations[ib].raw_len
         buf_b = np.empty(lb, dtype=np.uint8)
         decoder.decode_to(ib, buf_b, where)
         sd = md = 0.0
         if va is not None and la == lb:
-            d = (conv(buf_b) - va).abs()
+            nd = ints[i]
+            d = (_int_difference(nd, buf_a, buf_b) if nd is not None
+                 else conv(buf_b) - va).abs()
             sd = float((d ** 2).sum())
             md = float(d.max()) if d.numel() else 0.0
         mode = cfg.delta.mode_for(new.path)
@@ -209,13 +248,16 @@ def _numbers(store: Store, pairs: list[tuple[dict, _Entry, _Entry]], locations: 
         if cfg.delta.enabled and la == lb:
             frame = min(frame, codec_mod.frame_length(codec_mod.encode(
                 buf_b, ib, widths[i], cfg.codec, base=buf_a, base_id=ia, delta=mode)))
-        return i, sd, md, sa, frame, lb
+        return i, sd, md, sa, frame, lb, ib
 
     window: deque = deque()
+    distinct: dict[bytes, int] = {}
     limit = 2 * store._threads + 2
 
     def drain() -> None:
-        i, sd, md, sa, frame, nbytes = window.popleft().result()
+        i, sd, md, sa, frame, nbytes, ib = window.popleft().result()
+        if ib is not None:
+            distinct.setdefault(ib, frame)
         s = acc[i]
         s[0] += sd
         if md != md:
@@ -248,3 +290,4 @@ def _numbers(store: Store, pairs: list[tuple[dict, _Entry, _Entry]], locations: 
         row["l2"] = l2
         row["max_abs"] = float("nan") if nan else md
         row["relative"] = (l2 / norm_a if norm_a else (0.0 if l2 == 0 else float("inf")))
+    return sum(distinct.values())

@@ -209,7 +209,7 @@ def rebuild_into(idx: Index, backend: Backend, result: ReindexResult, *,
             continue
         for bid in _with_bases(need, blocks, known):
             first_step.setdefault(bid, step)
-        steps.append((name, m, step))
+        steps.append((name, m, step, need))
         taken.add(step)
         if name != manifest_name(step):
             # recovered (gc deletes manifests the index lacks), but a writer names a
@@ -237,10 +237,14 @@ def rebuild_into(idx: Index, backend: Backend, result: ReindexResult, *,
             rows.append((bid, pack_ids[pack], off, ln, raw, codec, base,
                          _depth(bid, blocks, depth_of), first_step[bid]))
         summaries.insert_blocks(conn, rows, ignore=True)
-        for name, m, step in steps:
+        for name, m, step, need in steps:
             if step in present:  # another process sharing this cache added it meanwhile
                 continue
-            new = [b for b, s in first_step.items() if s == step]
+            # what the step's save wrote, as far as the files tell: the blocks its entries
+            # reference first. A base it needs only through a delta was written by an older
+            # step, deleted since (its first_step names this step, but the bytes are not
+            # this save's: stats show them apart, like any block of a deleted step)
+            new = [b for b in need if first_step[b] == step]
             _insert_manifest_step(conn, name, step, m,
                                   json.dumps(m["tree"], separators=(",", ":")),
                                   _manifest_entry_rows(step, m),
@@ -248,9 +252,10 @@ def rebuild_into(idx: Index, backend: Backend, result: ReindexResult, *,
             summaries.record(conn, [step])
             result.steps_recovered.append(step)
         # the keyframe clock goes on past the latest generation any ingested manifest records
-        summaries.record_generations(conn, [(m.get("generation"), step) for _n, m, step in steps])
+        summaries.record_generations(conn, [(m.get("generation"), step)
+                                            for _n, m, step, _need in steps])
         if manifest_etags is not None:
-            record_manifest_etags(conn, {n: manifest_etags.get(n) for n, _m, _s in steps})
+            record_manifest_etags(conn, {n: manifest_etags.get(n) for n, _m, _s, _need in steps})
 
 
 #: a remote store's cache index only: the ETag of each manifest as the cache took it in

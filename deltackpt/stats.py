@@ -411,6 +411,9 @@ def store_stats(store: Store) -> dict[str, Any]:
         dropped_written = written - sum(c["written_bytes"] for c in comps.values())
         if dropped_logical or dropped_written:
             comps[DROPPED] = {"logical_bytes": dropped_logical, "written_bytes": dropped_written}
+            dropped_total = totals.setdefault(DROPPED, {"logical_bytes": 0, "written_bytes": 0})
+            dropped_total["logical_bytes"] += dropped_logical
+            dropped_total["written_bytes"] += dropped_written
         frames = sm.new_frame_bytes
         steps.append({
             "step": int(step),

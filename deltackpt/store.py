@@ -1419,6 +1419,10 @@ class Store:
         if self._taken_in_already(conn, step, manifest, created):
             return
         metrics_json, tags_list, note, tree_json = record
+        # blocks still here from a deleted step of the same number (no gc since) are not
+        # this save's: they must not count as what it wrote (stats, a cache's own packs)
+        conn.execute("UPDATE blocks SET first_step = ? WHERE first_step = ?",
+                     (FIRST_STEP_REUSED, step))
         pack_ids = {name: conn.execute(
             "INSERT INTO packs(name, size, created_at) VALUES (?, ?, ?)",
             (name, size, created)).lastrowid for name, size in packs}
@@ -2149,6 +2153,11 @@ def open_store(
     return Store(backend, index_path, cfg,
                  lock_path=os.path.join(root, LOCK_NAME), threads=threads,
                  lock_timeout=lock_timeout, location=root, base_cache_bytes=base_cache_bytes)
+
+
+#: ``blocks.first_step`` of a block written by a deleted step whose number a later save
+#: took (steps are >= 0): no step claims it as written
+FIRST_STEP_REUSED = -1
 
 
 class IndexDisagreesError(CorruptionError):

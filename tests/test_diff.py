@@ -198,3 +198,36 @@ def test_progress_bars_stay_off_stdout(store_dir, tmp_path, monkeypatch):
     _, b = _states()
     assert_state_equal(torch.load(tmp_path / "y.pt", weights_only=True), {"model": b["model"]})
     assert torch.equal(load_file(tmp_path / "x.safetensors")["model/w"], b["model"]["w"])
+
+
+def test_tied_blocks_count_once_in_the_total_delta(tmp_path):
+    """Two entries holding the same tensor (tied weights) share blocks: a save writes
+    them once, so the total a delta costs must count them once too."""
+    emb = det_floats((256, 64), 1)
+    with deltackpt.open(str(tmp_path / "s"), block_size=4096) as s:
+        s.save({"emb": emb, "dec": emb, "other": det_floats((10,), 2)}, 1)
+        moved = emb + 1e-3
+        r = s.save({"emb": moved, "dec": moved, "other": det_floats((10,), 2)}, 2)
+        d = diff(s, 1, 2)
+    per = {e["path"]: e["delta_bytes"] for e in d["entries"]}
+    assert per["emb"] == per["dec"] > 0 and per["other"] == 0
+    assert d["total"]["delta_bytes"] == per["emb"]
+    assert d["total"]["stored_bytes"] == r.written_bytes
+
+
+@pytest.mark.parametrize("dtype", ["int64", "uint64", "int32"])
+def test_integer_differences_are_exact_beyond_float64(tmp_path, dtype):
+    base = {"int64": 2**60, "uint64": 2**63 + 2**60, "int32": 2**30}[dtype]
+    a = np.full(1000, base, dtype=dtype)
+    b = a.copy()
+    b[:10] += 1  # invisible in float64 for the 64-bit types
+    b[10] -= 3 if dtype != "uint64" else 0
+    with deltackpt.open(str(tmp_path / "s"), block_size=4096) as s:
+        s.save({"t": torch.from_numpy(a), "n": a}, 1)
+        s.save({"t": torch.from_numpy(b), "n": b}, 2)
+        d = diff(s, 1, 2)
+    exact = [int(y) - int(x) for x, y in zip(a.tolist(), b.tolist())]
+    l2 = math.sqrt(sum(x * x for x in exact))
+    for e in d["entries"]:
+        assert e["l2"] == pytest.approx(l2, rel=1e-12), e["path"]
+        assert e["max_abs"] == max(abs(x) for x in exact)

@@ -102,6 +102,60 @@ def test_thinned_step_reports_dropped_bytes(store_dir):
     assert sum(c["written_bytes"] for c in comps.values()) == info.written_bytes
     assert sum(c["logical_bytes"] for c in comps.values()) == info.logical_bytes
     assert comps[DROPPED]["written_bytes"] > 0
+    with deltackpt.open(store_dir) as s:
+        t = store_stats(s)["total"]
+    assert sum(c["written_bytes"] for c in t["components"].values()) == t["written_bytes"]
+    table = CliRunner().invoke(main, ["stats", store_dir]).output
+    assert f"{DROPPED} wr." in table.splitlines()[0] and f"  {DROPPED}: " in table
+
+
+def _written(store) -> dict[int, tuple[int, int, int]]:
+    return {x["step"]: (x["written_bytes"], x["new_chunks"],
+                        sum(c["written_bytes"] for c in x["components"].values()))
+            for x in store_stats(store)["steps"]}
+
+
+def test_a_rebuilt_index_charges_no_step_with_blocks_it_does_not_reference(tmp_path):
+    """reindex charged the delta bases that deleted steps wrote to the first kept step
+    needing them, though no entry of that step references them: new_chunks > total_chunks,
+    dedup < 0. (The files do not say which save wrote a block: one a deleted step wrote
+    and a kept step references directly counts for the first such step, format §13.5.)"""
+    from deltackpt.reindex import reindex
+
+    path = str(tmp_path / "s")
+    w = det_floats((128, 128), 1)
+    saved = {}
+    with deltackpt.open(path, block_size=4096, delta="xor:chain:4") as s:
+        for step in range(1, 7):
+            w = w + 1e-3 * det_floats((128, 128), step + 10)  # every block changes
+            r = s.save({"model": {"w": w}}, step)
+            saved[step] = (r.written_bytes, r.new_chunks, r.written_bytes)
+        s.delete(2)
+        s.delete(3)  # its blocks live on as the bases of step 4's deltas
+        s.gc()
+        assert _written(s) == {k: v for k, v in saved.items() if k not in (2, 3)}
+    os.remove(os.path.join(path, "index.sqlite"))
+    reindex(path)
+    with deltackpt.open(path) as s:
+        assert _written(s) == {k: v for k, v in saved.items() if k not in (2, 3)}
+        for x in store_stats(s)["steps"]:
+            assert x["new_chunks"] <= x["total_chunks"] and x["dedup_ratio"] >= 0
+
+
+def test_a_step_number_saved_again_before_gc_claims_only_what_it_wrote(store_dir):
+    with deltackpt.open(store_dir) as s:
+        state = s.load(70)
+        s.delete(70)
+        r = s.save(state, 70)  # every block still stored: nothing written
+        assert r.written_bytes == 0
+        st = store_stats(s)
+        x = next(r for r in st["steps"] if r["step"] == 70)
+        assert x["written_bytes"] == 0 and x["new_chunks"] == 0
+        assert all(c["written_bytes"] == 0 for c in x["components"].values())
+        assert sum(c["written_bytes"] for c in st["total"]["components"].values()) == \
+            st["total"]["written_bytes"]
+        entries = {e["path"]: e for e in top_entries(s, 100, 70, 70)}
+        assert all(e["written_bytes"] == 0 for e in entries.values())
 
 
 def test_top_entries_match_brute_force(store_dir):

@@ -38,7 +38,7 @@ def _ratio(x: float) -> str:
 def stats_cmd(path: str, as_json: bool, as_csv: bool, by_entry: bool, top: int,
               first: int | None, last: int | None) -> None:
     """Logical, written and stored bytes per step and component; dedup and compression."""
-    from ..stats import store_stats, top_entries
+    from ..stats import DROPPED, store_stats, top_entries
 
     if as_json and as_csv:
         raise click.UsageError("--json and --csv exclude each other")
@@ -69,6 +69,8 @@ def stats_cmd(path: str, as_json: bool, as_csv: bool, by_entry: bool, top: int,
         click.echo(buf.getvalue(), nl=False)
     else:
         comps = list(stats["components"])
+        if DROPPED in stats["total"]["components"]:
+            comps.append(DROPPED)  # so that the columns add up to "written"
         rows = []
         for s in stats["steps"]:
             rows.append([
