@@ -244,7 +244,7 @@ def rebuild_into(idx: Index, backend: Backend, result: ReindexResult, *,
             # reference first. A base it needs only through a delta was written by an older
             # step, deleted since (its first_step names this step, but the bytes are not
             # this save's: stats show them apart, like any block of a deleted step)
-            new = [b for b in need if first_step[b] == step]
+            new = [b for b in need if first_step.get(b) == step]
             _insert_manifest_step(conn, name, step, m,
                                   json.dumps(m["tree"], separators=(",", ":")),
                                   _manifest_entry_rows(step, m),
