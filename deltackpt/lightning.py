@@ -270,15 +270,23 @@ class DeltaCheckpointIO(_CheckpointIO):
         self._queued: dict[str, int] = {}  # path -> saves submitted to the worker, not done
         #: paths removed before their save reached us (see remove_checkpoint)
         self._tombstones: dict[str, int] = {}
+        self._open_lock = threading.Lock()
 
     # -- the store ----------------------------------------------------------------
     @property
     def store(self) -> Store:
         """The store (opened on first use, again after :meth:`teardown`)."""
-        if self._store is None:
-            assert self._store_path is not None
-            self._store = open_store(self._store_path, **self._options)
-        return self._store
+        store = self._store
+        if store is None:
+            # Lightning's AsyncCheckpointIO saves on its thread while the main thread may
+            # remove a file: two first uses at once must not open the store twice (the
+            # second open would find the first one's writer lock)
+            with self._open_lock:
+                if self._store is None:
+                    assert self._store_path is not None
+                    self._store = open_store(self._store_path, **self._options)
+                store = self._store
+        return store
 
     @property
     def _durable(self) -> bool:
@@ -515,11 +523,12 @@ class DeltaCheckpointIO(_CheckpointIO):
             with self._lock:
                 self._tombstones.clear()
                 self._saves_off_main = False
-            if self._store_path is not None and self._store is not None:
-                self._store.close()
-                self._store = None
-                with self._lock:
-                    self._paths = None
+            with self._open_lock:
+                if self._store_path is not None and self._store is not None:
+                    self._store.close()
+                    self._store = None
+                    with self._lock:
+                        self._paths = None
 
     def __repr__(self) -> str:
         return f"<deltackpt.lightning.DeltaCheckpointIO {self._where()!r} async={self.async_save}>"

@@ -337,6 +337,45 @@ def test_a_placeholder_never_loads_another_save_that_reused_its_step(tmp_path, h
     io.teardown()
 
 
+def test_first_uses_from_two_threads_open_the_store_once(tmp_path, monkeypatch):
+    """Lightning's AsyncCheckpointIO saves on its thread while ModelCheckpoint removes a
+    file on the main one: both could open the store, and the second open failed on the
+    first one's writer lock (a CI flake of the lightning-async test)."""
+    import threading
+    import time
+
+    import deltackpt.lightning as dl
+
+    real = dl.open_store
+    opened = []
+
+    def slow_open(*args, **kwargs):
+        opened.append(threading.current_thread().name)
+        time.sleep(0.2)  # the race window, made wide
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dl, "open_store", slow_open)
+    io = DeltaCheckpointIO(str(tmp_path / "store"))
+    errors = []
+
+    def use(how):
+        try:
+            if how == "save":  # what the save job does first, outside the plugin's lock
+                assert io.store is not None
+            else:  # what remove_checkpoint does first
+                io.steps_for(str(tmp_path / "x.ckpt"))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=use, args=(how,)) for how in ("save", "remove")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and len(opened) == 1
+    io.teardown()
+
+
 def test_async_saves_with_save_last_link_into_a_new_directory(tmp_path):
     """Lightning links last.ckpt to the file right after save_checkpoint returns; with
     async saves the directory did not exist yet and fit() died at the first save."""
