@@ -25,8 +25,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 EXAMPLE = os.path.join(os.path.dirname(HERE), "examples", "finetune_minilm.py")
 
 
-def run(steps: int, save_every: int | None, eval_every: int, extra: list[str]) -> dict:
-    work = tempfile.mkdtemp(prefix="overhead-", dir=HERE)
+def run(steps: int, save_every: int | None, eval_every: int, extra: list[str],
+        workdir: str | None = None) -> dict:
+    work = tempfile.mkdtemp(prefix="overhead-", dir=workdir)
     try:
         cmd = [sys.executable, EXAMPLE, "--store", os.path.join(work, "store"), "--steps",
                str(steps), "--eval-every", str(eval_every), *extra]
@@ -49,6 +50,8 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None, help="torch threads in the example")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--workdir", default=None,
+                    help="scratch dir for the stores (default: the system's temp dir)")
     args = ap.parse_args()
     extra = ["--threads", str(args.threads)] if args.threads else []
     rows = []
@@ -56,11 +59,11 @@ def main() -> None:
         # alternate which run goes first (ABBA): a machine that drifts over the minutes of a
         # pair would otherwise always favour the same side
         if i % 2 == 0:
-            with_ckpt = run(args.steps, args.save_every, args.save_every, extra)
-            without = run(args.steps, None, args.save_every, extra)
+            with_ckpt = run(args.steps, args.save_every, args.save_every, extra, args.workdir)
+            without = run(args.steps, None, args.save_every, extra, args.workdir)
         else:
-            without = run(args.steps, None, args.save_every, extra)
-            with_ckpt = run(args.steps, args.save_every, args.save_every, extra)
+            without = run(args.steps, None, args.save_every, extra, args.workdir)
+            with_ckpt = run(args.steps, args.save_every, args.save_every, extra, args.workdir)
         ratio = with_ckpt["loop_s"] / without["loop_s"]
         rows.append({"with": with_ckpt, "without": without, "ratio": ratio})
         print(f"pair {i}: with checkpoints {with_ckpt['loop_s']:.1f} s "

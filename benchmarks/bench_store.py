@@ -347,6 +347,7 @@ def llama7b_shapes() -> list[tuple[str, tuple[int, ...]]]:
 def bench_index(work: str, steps: int, block_size: int) -> dict:
     """Fill an index the way 1,000 fully-changed saves would (every block new each step:
     the worst case for index size), then time log, info and load planning."""
+    from deltackpt import summaries
     from deltackpt.flatten import flatten
 
     root = os.path.join(work, f"idx-{block_size}")
@@ -381,11 +382,12 @@ def bench_index(work: str, steps: int, block_size: int) -> dict:
         conn.execute("BEGIN")
         pack_id = conn.execute("INSERT INTO packs (name, size, created_at) VALUES (?, ?, ?)",
                                (f"packs/{step:02x}/{step:030x}.pack", blocks_per_step * block_size, time.time())).lastrowid
-        conn.executemany(
-            "INSERT INTO blocks (id, pack_id, offset, length, raw_len, codec, base, depth, first_step) "
-            "VALUES (?, ?, ?, ?, ?, 'xor>group4>zstd1', ?, 1, ?)",
-            ((ids[16 * k:16 * k + 16], pack_id, k * block_size, block_size * 3 // 4, block_size,
-              None if step == 0 else ids[16 * k:16 * k + 16][::-1], step) for k in range(blocks_per_step)))
+        # through the library's writer: schema 2 numbers every block (blocks.seq)
+        summaries.insert_blocks(
+            conn, [(ids[16 * k:16 * k + 16], pack_id, k * block_size, block_size * 3 // 4,
+                    block_size, "xor>group4>zstd1",
+                    None if step == 0 else ids[16 * k:16 * k + 16][::-1], 1, step)
+                   for k in range(blocks_per_step)])
         conn.execute("INSERT INTO steps (step, created_at, metrics, tags, note, tree, logical_bytes, "
                      "written_bytes, new_chunks, total_chunks, parent, manifest) VALUES "
                      "(?, ?, ?, '[]', NULL, ?, ?, ?, ?, ?, ?, ?)",
@@ -402,6 +404,7 @@ def bench_index(work: str, steps: int, block_size: int) -> dict:
                          min(nb, block_size), ids[16 * pos:16 * (pos + nblk)]))
             pos += nblk
         conn.executemany("INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        summaries.record(conn, [step])  # the per-step summary every writer records
         conn.execute("COMMIT")
         if step % 100 == 99:
             print(f"[index] {step + 1} steps, {time.perf_counter() - t0:.0f} s", flush=True)

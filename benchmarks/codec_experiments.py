@@ -759,6 +759,8 @@ def main(argv=None):
         rows = []
         for (s, iv, ph, bsz), (tot, n) in bsweep.items():
             A = all_cats(tot)
+            if not A["raw"]:
+                continue  # a trace too short for this interval and phase: no pairs
             rows.append([s, iv, ph, n, f"{bsz // KiB} KiB", A["blocks"], pct(1 - A["unchanged_bytes"] / A["raw"])]
                         + [pct(frac(A, m)) for m in BS_METHODS])
         md.append(table(["scenario", "interval", "phase", "pairs", "block", "blocks", "changed"] + BS_METHODS, rows))
