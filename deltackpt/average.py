@@ -2,13 +2,16 @@
 
 Definitions, for the entries of the selection in the steps ``s_0, ..., s_{n-1}`` (in the
 order given), each value first converted exactly to the accumulation dtype ``A``
-(float64 for float64 entries, complex128 for complex128, complex64 for other complex
-dtypes, float32 for every other float dtype):
+(float64 for every real float dtype, complex128 for every complex one: a float32 sum of
+values near its maximum overflowed, and its rounding left a third of fp32 means one ulp off):
 
 - mean: ``acc = x_0``; ``acc = acc + x_k`` for k = 1..n-1 in order; ``acc = acc / n``;
 - EMA with decay ``d``: ``acc = x_0``; ``acc = acc * d + x_k * (1 - d)`` for k = 1..n-1,
   where ``d`` and ``1 - d`` (computed in Python floats) are rounded to ``A`` and every
-  product and sum is rounded to ``A`` (no fused multiply-add);
+  product and sum is rounded to ``A`` (no fused multiply-add); a term whose weight is 0
+  (``d`` = 0 or 1) is left out rather than multiplied (``inf * 0`` would be NaN). The decay
+  applies once per *listed step*, oldest first: over ``n`` steps the first keeps
+  ``d^(n-1)`` of the result, the last ``1 - d``;
 
 then ``acc`` is rounded (to nearest, ties to even) to the stored dtype. Integer,
 bool and bytes entries, and every non-array value (step counters, learning rates,
@@ -42,11 +45,7 @@ if TYPE_CHECKING:
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype averages of ``dtype`` values are accumulated in."""
-    if dtype in (torch.float64, torch.complex128):
-        return dtype
-    if dtype.is_complex:
-        return torch.complex64
-    return torch.float32
+    return torch.complex128 if dtype.is_complex else torch.float64
 
 
 def _averaged(entry: StoredEntry) -> bool:
@@ -173,7 +172,9 @@ def _average_range(reader: StepReader, steps: list[int], sources: list[StoredEnt
             acc.copy_(xa)
         elif ema is None:
             acc.add_(xa)
-        else:
+        elif ema == 0.0:
+            acc.copy_(xa)  # the newest step alone
+        elif ema != 1.0:  # 1.0: the oldest step alone
             acc.mul_(ema)
             acc.add_(xa.mul(1.0 - ema))
     if ema is None:

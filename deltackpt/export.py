@@ -97,8 +97,13 @@ def write_pt(state: Any, path: str | os.PathLike) -> None:
     """Write the full structure with ``torch.save`` (atomically)."""
     check_output_file(path)
     tmp = f"{os.fspath(path)}.partial"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 # -- streaming reads of stored steps ----------------------------------------------------
@@ -539,6 +544,9 @@ def write_tensor_files(
         check_output_file(out)
         shards = [(out, list(range(len(items))))]
     else:
+        if os.path.exists(out) and not os.path.isdir(out):
+            raise InvalidInputError(f"{out}: exists and is not a directory; a sharded "
+                                    "export writes a directory")
         os.makedirs(out, exist_ok=True)
         groups = _plan_shards([it[3] for it in items], shard_limit)
         if len(groups) == 1:
@@ -620,6 +628,10 @@ def write_state(
             state = subtree(state, sel[0])
         except KeyError:
             raise InvalidInputError(f"the state has no path {sel[0]!r}") from None
+        if isinstance(state, torch.Tensor) and not (max_shard_size is None and
+                                                    out.endswith((".pt", ".pth"))):
+            # the selection is one tensor: its key is its own name, as export writes it
+            state = {relative_key(sel[0], sel): state}
     if max_shard_size is None and out.endswith((".pt", ".pth")):
         check_weights_only(state)
         tensors = list(iter_tensors(state))

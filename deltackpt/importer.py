@@ -216,11 +216,16 @@ def _load_pt(path: str) -> Any:
                           mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as exc:
         text = str(exc)
-        why = next((ln.strip() for ln in text.splitlines()
-                    if "Unsupported" in ln or "WeightsUnpickler" in ln), text.splitlines()[0])
+        marker = "WeightsUnpickler error:"
+        if marker in text:  # torch's own reason, without its "please file an issue" preamble
+            why = text.split(marker, 1)[1].strip().splitlines()[0] or "malformed pickle data"
+        else:
+            why = next((ln.strip() for ln in text.splitlines() if "Unsupported" in ln),
+                       text.splitlines()[0] if text else type(exc).__name__)
         raise UnsupportedValueError(f"{path}: refused by torch.load(weights_only=True), which "
                                     f"is the only way deltackpt reads .pt files: {why}") from None
-    except (RuntimeError, EOFError, ValueError, OSError) as exc:
+    except Exception as exc:  # noqa: BLE001 - torch's legacy reader fails on garbage with
+        # KeyError or struct.error too; whatever it raises, the file is not readable
         if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError)):
             raise
         raise InvalidInputError(f"{path}: not a readable torch file: "

@@ -159,3 +159,50 @@ def test_cli_average(run, store_path, tmp_path):
         r = runner.invoke(main, args)
         assert r.exit_code == code, (args, r.output)
         assert msg in r.output, (args, r.output)
+
+
+def test_averages_accumulate_in_float64(store_path):
+    """A float32 accumulator overflowed on values near float32's maximum, and left a third
+    of fp32 means one ulp away from the correctly rounded mean."""
+    big = torch.tensor([3e38, -3e38, 1.5])
+    a = det_floats((2000,), 1)
+    b = det_floats((2000,), 2)
+    with deltackpt.open(store_path, block_size=4096) as s:
+        s.save({"model": {"big": big, "bf": big.bfloat16(), "a": a}}, 1)
+        s.save({"model": {"big": big, "bf": big.bfloat16(), "a": b}}, 2)
+        mean = s.average([1, 2])["model"]
+    assert torch.equal(mean["big"], big) and torch.equal(mean["bf"], big.bfloat16())
+    want = ((a.double() + b.double()) / 2).float()  # the correctly rounded mean
+    assert torch.equal(tensor_bytes(mean["a"]), tensor_bytes(want))
+
+
+@pytest.mark.parametrize("decay,want_step", [(0.0, 2), (1.0, 1)])
+def test_ema_with_decay_0_or_1_is_one_step_even_with_infinities(store_path, decay, want_step):
+    states = {1: torch.tensor([float("inf"), 1.0]), 2: torch.tensor([5.0, float("-inf")])}
+    with deltackpt.open(store_path, block_size=4096) as s:
+        for k, w in states.items():
+            s.save({"model": {"w": w}}, k)
+        got = s.average([1, 2], ema=decay)["model"]["w"]
+    assert torch.equal(got, states[want_step])
+
+
+def test_cli_average_single_tensor_key_and_nothing_saved_when_the_output_fails(
+        run, store_path, tmp_path):
+    run.close()
+    runner = CliRunner()
+    out = tmp_path / "one.safetensors"
+    r = runner.invoke(main, ["average", store_path, "--steps", "100,200", "--select",
+                             "model/big", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert list(load_file(out)) == ["big"]  # as export names it, not ""
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    r = runner.invoke(main, ["average", store_path, "--steps", "100,200", "-o", str(blocker),
+                             "--max-shard-size", "1MB", "--save-step", "1001"])
+    assert r.exit_code == 2 and "not a directory" in r.stderr, r.output
+    r = runner.invoke(main, ["average", store_path, "--steps", "100,200", "-o",
+                             str(tmp_path / "x.pt"), "--save-step", "1001"])
+    assert r.exit_code == 5 and "weights_only" in r.stderr  # the numpy entry
+    assert not (tmp_path / "x.pt").exists() and not (tmp_path / "x.pt.partial").exists()
+    with deltackpt.open(store_path) as s:
+        assert 1001 not in s  # a failed command leaves no step behind

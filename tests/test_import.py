@@ -173,6 +173,18 @@ def test_key_conflicts_and_broken_shard_sets_are_refused(store, tmp_path):
     assert store.steps() == [1]
 
 
+@pytest.mark.parametrize("content", [b"\x80\x02}q\x00garbage" * 3, b"PK\x03\x04" + b"\x00" * 40,
+                                     b"e" * 100])
+def test_a_garbage_pt_file_is_a_clear_error(store, tmp_path, content):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(content)
+    with pytest.raises(deltackpt.DeltackptError, match="bad.pt: (not a readable torch file|"
+                       "refused by torch.load)") as err:
+        store.import_file(bad, 5)
+    assert "file an issue" not in str(err.value)
+    assert 5 not in store
+
+
 def test_existing_step_is_refused_before_reading(store, tmp_path):
     store.save({"a": 1}, 3)
     with pytest.raises(deltackpt.StepExistsError, match="step 3"):

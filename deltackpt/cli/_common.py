@@ -60,7 +60,9 @@ def handle_errors(fn: Callable) -> Callable:
         except DeltackptError as exc:
             click.echo(f"deltackpt: error: {exc}", err=True)
             sys.exit(exit_code_for(exc))
-        except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+        except OSError as exc:
+            # the filesystem's answer about a path the user gave (missing, a file where a
+            # directory should be, permissions, a full disk): it names the path
             click.echo(f"deltackpt: error: {exc}", err=True)
             sys.exit(2)
 

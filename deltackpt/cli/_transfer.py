@@ -142,7 +142,11 @@ def _steps(value: str) -> list[int]:
 def average_cmd(path: str, steps_arg: str, select: tuple[str, ...], whole: bool,
                 ema: float | None, output: str | None, max_shard_size: str | None,
                 save_step: int | None, as_json: bool) -> None:
-    """Element-wise mean (or EMA) of several steps' weights, in float32 accumulation."""
+    """Element-wise mean (or EMA) of several steps' weights, accumulated in float64.
+
+    --ema D applies the decay once per listed step, oldest first: the last step gets
+    1 - D of the result, the first D^(n-1)."""
+    from ..errors import StepExistsError
     from ..export import write_state
 
     steps = _steps(steps_arg)
@@ -156,13 +160,21 @@ def average_cmd(path: str, steps_arg: str, select: tuple[str, ...], whole: bool,
     if output is not None:
         _check_output(output, limit)
     sel = _selection(select, whole)
-    with open_existing(path) as store:
-        state = store.average(steps, sel, ema=ema, save_as=save_step)
     what = ("EMA" if ema is not None else "mean") + f" of steps {','.join(map(str, steps))}"
     result = None
-    if output is not None:
-        result = write_state(state, output, sel, max_shard_size=limit,
-                             metadata={"deltackpt_average": what})
+    with open_existing(path) as store:
+        if save_step is not None and save_step in store:
+            raise StepExistsError(f"{store.location}: step {save_step} already exists; delete "
+                                  "it first or save the average under another step")
+        state = store.average(steps, sel, ema=ema)
+        # the file first: a command that fails must not leave a new step behind
+        if output is not None:
+            result = write_state(state, output, sel, max_shard_size=limit,
+                                 metadata={"deltackpt_average": what})
+        if save_step is not None:
+            kind = f"EMA (decay {ema!r})" if ema is not None else "mean"
+            store.save(state, save_step,
+                       note=f"{kind} of steps {', '.join(map(str, steps))}")
     if as_json:
         emit_json({"steps": steps, "ema": ema, "saved_step": save_step,
                    "files": result.files if result else []})
