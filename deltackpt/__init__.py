@@ -90,3 +90,17 @@ def open(path: str | os.PathLike | Backend, **options: Any) -> Store:  # noqa: A
     or call ``close()``.
     """
     return open_store(path, **options)
+
+
+#: integrations with optional dependencies: ``deltackpt.lightning`` works after a plain
+#: ``import deltackpt`` (imported on first use, so ``import deltackpt`` stays light)
+_LAZY_SUBMODULES = frozenset({"lightning", "hf", "dcp", "remote", "fsspec_backend", "reindex",
+                              "stats", "diff", "whatif", "report", "average", "importer"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'deltackpt' has no attribute {name!r}")

@@ -69,15 +69,17 @@ def _report(result, as_json: bool, what: str) -> None:
 @all_option
 @shard_option
 @json_option
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @handle_errors
 def export_cmd(path: str, step: int | None, output: str, select: tuple[str, ...], whole: bool,
-               max_shard_size: str | None, as_json: bool) -> None:
+               max_shard_size: str | None, as_json: bool, quiet: bool) -> None:
     """Write STEP (default: latest) as a deployment artifact (.safetensors, sharded, .pt)."""
     limit = _size(max_shard_size)
     _check_output(output, limit)
     sel = _selection(select, whole)
     with open_existing(path) as store:
-        result = store.export(output, step, sel, max_shard_size=limit, quiet=as_json)
+        result = store.export(output, step, sel, max_shard_size=limit,
+                              quiet=as_json or quiet)
     _report(result, as_json, f"step {result.step}")
 
 
