@@ -49,7 +49,12 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _averaged(entry: StoredEntry) -> bool:
-    return dtype_info(entry.kind, entry.dtype).family in ("float", "complex")
+    family = dtype_info(entry.kind, entry.dtype).family
+    if family == "packed":
+        raise InvalidInputError(f"entry '{entry.path}': {entry.dtype} packs two values per "
+                                "byte and has no arithmetic to average with; leave it out "
+                                "of the selection")
+    return family in ("float", "complex")
 
 
 def _elem_dtype(entry: StoredEntry) -> torch.dtype:

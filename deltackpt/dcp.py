@@ -27,8 +27,11 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import threading
 import uuid
+import weakref
 from collections.abc import Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -230,14 +233,18 @@ class StorageWriter(dcp_storage.StorageWriter):
 
     Construct one on every rank with the same store directory and step (or pass
     the step as DCP's ``checkpoint_id``). Rank 0 opens the store for writing (creating
-    it) and holds its writer lock from planning until :meth:`close`; the other ranks
+    it) and holds its writer lock from planning to the commit; the other ranks
     open it only to read the parent step and write packs of their own. Reusing one
     writer across saves keeps each rank's delta bases in memory.
 
-    ``metrics``/``tags``/``note`` are recorded with the next step the writer commits;
-    ``open_options`` go to :func:`deltackpt.open` (e.g. ``block_size``, ``delta``,
-    ``level``, ``fsync``, ``threads``). After a save, rank 0's :attr:`last_result`
-    says what the step cost.
+    ``metrics``/``tags``/``note`` are recorded with the next step the writer commits (and
+    then cleared); ``open_options`` go to :func:`deltackpt.open` (e.g. ``block_size``,
+    ``delta``, ``level``, ``fsync``, ``threads``). After a save, rank 0's
+    :attr:`last_result` says what the step cost. Rank 0 holds the store's writer lock
+    from planning a save to committing it; a writer that opened the store itself closes
+    it when it is garbage (so ``StorageWriter(path, step=N)`` per save works like
+    ``FileSystemWriter``). Saves through one writer may overlap (``dcp.async_save``
+    without waiting): each keeps its own step.
     """
 
     def __init__(self, store_or_path: StoreOrPath, step: int | None = None, *,
@@ -251,16 +258,46 @@ class StorageWriter(dcp_storage.StorageWriter):
         self._store: Store | None = None
         self._is_coordinator = False
         self._rank = 0
-        self._parent: int | None = None
-        self._generation: int | None = None
-        self._save_id = uuid.uuid4().hex
         self.last_result: SaveResult | None = None
+        self._init_runtime()
+
+    def _init_runtime(self) -> None:
+        # per save: DCP runs each save's calls on one thread, and an async_save on a thread
+        # of its own, so two saves through this writer must not share a step or a parent
+        self._saves = threading.local()
+        self._open_lock = threading.Lock()
+        self._finalizer: weakref.finalize | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # DCP's process-based async_save pickles the writer into its daemon: the copy opens
+        # the store there (a store, its locks and threads do not travel)
+        state = dict(self.__dict__)
+        for key in ("_saves", "_open_lock", "_finalizer"):
+            state.pop(key, None)
+        if not isinstance(self._target, Store):
+            state["_store"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._init_runtime()
+
+    def _save(self) -> SimpleNamespace:
+        """This save's state (step, parent, generation, save id), on this thread."""
+        st = getattr(self._saves, "state", None)
+        if st is None:
+            st = self._saves.state = SimpleNamespace(step=self.step, parent=None,
+                                                     generation=None,
+                                                     save_id=uuid.uuid4().hex)
+        return st
 
     # -- DCP protocol ---------------------------------------------------------------
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
+        step = self.step if checkpoint_id is None else _parse_step(checkpoint_id)
         if checkpoint_id is not None:
-            self.step = _parse_step(checkpoint_id)
-        self._save_id = uuid.uuid4().hex
+            self.step = step  # what the last save asked for, as before (a public attribute)
+        self._saves.state = SimpleNamespace(step=step, parent=None, generation=None,
+                                            save_id=uuid.uuid4().hex)
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
@@ -275,10 +312,10 @@ class StorageWriter(dcp_storage.StorageWriter):
         """``<store>@<step>``: what DCP logs for this save."""
         where = self._target.location if isinstance(self._target, Store) else \
             os.fspath(self._target)
-        return f"{where}@{self.step}"
+        return f"{where}@{self._save().step}"
 
     def storage_meta(self) -> StorageMeta | None:
-        return StorageMeta(checkpoint_id=self.checkpoint_id, save_id=self._save_id)
+        return StorageMeta(checkpoint_id=self.checkpoint_id, save_id=self._save().save_id)
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         if not kwargs.get("use_collectives", True):
@@ -291,7 +328,7 @@ class StorageWriter(dcp_storage.StorageWriter):
         self._rank = int(rank or 0)
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
-        if self.step is None:
+        if self._save().step is None:
             raise DeltackptError("deltackpt.dcp.StorageWriter: no step given; pass step= or "
                                  "the step as dcp.save(..., checkpoint_id=STEP)")
         for item in plan.items:  # refuse what we cannot store before any rank writes
@@ -305,15 +342,16 @@ class StorageWriter(dcp_storage.StorageWriter):
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         store = self._writer_store(create=True)
         with store._mutex:
-            # held until close(): no gc may delete the packs ranks are about to write,
+            # held until the commit: no gc may delete the packs ranks are about to write,
             # and no other writer may commit this step meanwhile
             store._become_writer()
-        step = self.step
+        save = self._save()
+        step = save.step
         assert step is not None
         if step in store:
             raise StepExistsError(f"{store.location}: step {step} already exists; delete it "
                                   "first or save under another step")
-        self._parent = store._parent_of(step)
+        save.parent = store._parent_of(step)
         seen: dict[str, str] = {}
         for plan in plans:
             for item in plan.items:
@@ -321,19 +359,20 @@ class StorageWriter(dcp_storage.StorageWriter):
                 if key == META_KEY or seen.setdefault(key, item.index.fqn) != item.index.fqn:
                     raise UnsupportedValueError(f"'{item.index.fqn}': entry name '{key}' is "
                                                 "taken; rename the state_dict key")
-        self._generation = store._delta_generation()
-        info = {"step": step, "parent": self._parent, "codec": store.config.codec.to_json(),
-                "delta": store.config.delta.to_json(), "generation": self._generation}
+        save.generation = store._delta_generation()
+        info = {"step": step, "parent": save.parent, "codec": store.config.codec.to_json(),
+                "delta": store.config.delta.to_json(), "generation": save.generation}
         return [dataclasses.replace(p, storage_data=dict(info, rank=i))
                 for i, p in enumerate(plans)]
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future:
         info = plan.storage_data
-        if not isinstance(info, dict) or info.get("step") != self.step:
+        step = self._save().step
+        if not isinstance(info, dict) or info.get("step") != step:
             raise DeltackptError(
                 f"rank {self._rank}: the coordinator planned step "
                 f"{info.get('step') if isinstance(info, dict) else None}, this rank saves step "
-                f"{self.step} (every rank needs the same step; DCP plan caching is not "
+                f"{step} (every rank needs the same step; DCP plan caching is not "
                 "supported)")
         store = self._writer_store(create=False)
         codec = CodecConfig.from_json(info["codec"])
@@ -365,7 +404,7 @@ class StorageWriter(dcp_storage.StorageWriter):
                 # a base this rank located from its own records but a gc has moved since
                 # cannot be read: that block is written as a keyframe (the save stays
                 # correct, its frames are larger once)
-                new_blocks, _ = store._write_new_blocks(plans, self.step, parent, writer,
+                new_blocks, _ = store._write_new_blocks(plans, step, parent, writer,
                                                         generation,
                                                         dedup_step=parent if scoped else None)
                 packs = writer.finish()
@@ -373,9 +412,9 @@ class StorageWriter(dcp_storage.StorageWriter):
             except BaseException:
                 writer.abort()
                 raise
-            store._refresh_after_commit(plans, new_blocks, self.step)
+            store._refresh_after_commit(plans, new_blocks, step)
             if remote:
-                store.record_rank_write(self.step, packs, new_blocks)
+                store.record_rank_write(step, packs, new_blocks)
         results = []
         claimed: set[bytes] = set()
         for item, p in zip(plan.items, plans):
@@ -395,6 +434,8 @@ class StorageWriter(dcp_storage.StorageWriter):
 
     def finish(self, metadata: Metadata, results: list[list[dcp_storage.WriteResult]]) -> None:
         store = self._writer_store(create=False)
+        save = self._save()
+        step = save.step
         by_index: dict[tuple[str, tuple[int, ...] | None], dict] = {}
         copies: dict[bytes, list[tuple]] = {}
         packs: dict[str, int] = {}
@@ -427,18 +468,18 @@ class StorageWriter(dcp_storage.StorageWriter):
             for index, key, chunk in wanted:
                 sd = by_index.pop(index, None)
                 if sd is None:
-                    raise DeltackptError(f"{store.location}: step {self.step}: no rank wrote "
+                    raise DeltackptError(f"{store.location}: step {step}: no rank wrote "
                                          f"'{fqn}'" + (f" chunk at {index[1]}" if index[1] else ""))
                 entry = sd["entry"]
                 if entry["path"] != escape_key(key) or (
                         chunk is not None and tuple(entry["shape"]) != tuple(chunk.sizes)):
-                    raise DeltackptError(f"{store.location}: step {self.step}: rank "
+                    raise DeltackptError(f"{store.location}: step {step}: rank "
                                          f"{sd.get('rank')} wrote '{entry['path']}' "
                                          f"{entry['shape']} for '{key}'")
                 keys[index] = key
                 entries.append(dict(entry, idx=len(entries)))
         if by_index:
-            raise DeltackptError(f"{store.location}: step {self.step}: ranks wrote chunks "
+            raise DeltackptError(f"{store.location}: step {step}: ranks wrote chunks "
                                  f"DCP's metadata does not list: {sorted(by_index)[:3]}")
         if metadata.version is None:
             metadata.version = _DCP_VERSION
@@ -450,21 +491,36 @@ class StorageWriter(dcp_storage.StorageWriter):
         tree = ["D", [[META_KEY, meta_tree]]
                 + [[k, ["E", i, {}]] for i, k in enumerate(keys.values())]]
         self.last_result = store.commit_external(
-            self.step, tree, entries, blocks, sorted(packs.items()), self._parent,
-            metrics=self.metrics, tags=self.tags, note=self.note, generation=self._generation)
+            step, tree, entries, blocks, sorted(packs.items()), save.parent,
+            metrics=self.metrics, tags=self.tags, note=self.note, generation=save.generation)
+        self.metrics = self.tags = self.note = None  # they described this step only
         metadata.storage_data = {MetadataIndex(f, o): k for (f, o), k in keys.items()}
+        if not isinstance(self._target, Store) and not is_remote_url(self._target):
+            # held from planning to this commit: between saves another process may write,
+            # and a writer per save that is never closed does not lock the next one out.
+            # (A remote store keeps its lease: taking it again lists every pack; a writer
+            # left to the garbage collector gives it back when its store closes.)
+            store._release_writer()
 
     # -- helpers --------------------------------------------------------------------
     def _writer_store(self, create: bool) -> Store:
-        if self._store is None:
-            options = self._options
-            if not self._is_coordinator and is_remote_url(self._target):
-                # an index of this rank's own (a partial one: never shared with other
-                # processes), which write_data catches up with only what the rank needs
-                options = dict(options, catch_up_on_open=False,
-                               cache_index=f"dcp-rank{self._rank}.sqlite")
-            self._store = _open(self._target, create and self._is_coordinator, options)
-        return self._store
+        store = self._store
+        if store is None:
+            with self._open_lock:  # two overlapping first saves open it once
+                if self._store is None:
+                    options = self._options
+                    if not self._is_coordinator and is_remote_url(self._target):
+                        # an index of this rank's own (a partial one: never shared with
+                        # other processes), which write_data catches up with only what the
+                        # rank needs
+                        options = dict(options, catch_up_on_open=False,
+                                       cache_index=f"dcp-rank{self._rank}.sqlite")
+                    opened = _open(self._target, create and self._is_coordinator, options)
+                    if not isinstance(self._target, Store):
+                        self._finalizer = weakref.finalize(self, opened.close)
+                    self._store = opened
+                store = self._store
+        return store
 
     def _resolve(self, item: WriteItem, planner: SavePlanner) -> Any:
         data = planner.resolve_data(item)
@@ -489,6 +545,9 @@ class StorageWriter(dcp_storage.StorageWriter):
         """Close the store this writer opened (releasing rank 0's writer lock)."""
         if self._store is not None and not isinstance(self._target, Store):
             self._store.close()
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
         self._store = None
 
     def __enter__(self) -> StorageWriter:
@@ -512,7 +571,10 @@ class StorageReader(dcp_storage.StorageReader):
         super().__init__()
         self._target = store_or_path
         self._options = open_options
-        self.step = None if step is None else _parse_step(step)
+        #: the step asked for (None: the latest when each load starts); ``step`` is the
+        #: one the current load resolved it to
+        self._requested = None if step is None else _parse_step(step)
+        self.step = self._requested
         self._batch = max(1, int(batch_bytes))
         self._store: Store | None = None
         self._keys: dict[MetadataIndex, str] = {}
@@ -520,7 +582,8 @@ class StorageReader(dcp_storage.StorageReader):
 
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
         if checkpoint_id is not None:
-            self.step = _parse_step(checkpoint_id)
+            self._requested = _parse_step(checkpoint_id)
+        self.step = self._requested  # "latest" means the latest at this load, not the last one
         self._keys = {}
         self._load_id = uuid.uuid4().hex
 
@@ -536,7 +599,7 @@ class StorageReader(dcp_storage.StorageReader):
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         store = self._reader_store()
-        step, desc = _read_desc(store, self.step)
+        step, desc = _read_desc(store, self._requested)
         self.step = step
         meta, self._keys = _rebuild(desc, f"{store.location}: step {step}")
         if meta.storage_meta is None:

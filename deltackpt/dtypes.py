@@ -24,7 +24,7 @@ class DtypeInfo:
     itemsize: int
     #: width of the byte groups the codec splits elements into (a float inside a complex)
     group_width: int
-    #: bit layout hint for float-aware codecs: "float", "int", "bool", "complex"
+    #: bit layout hint for float-aware codecs: "float", "int", "bool", "complex", "packed"
     family: str
 
 
@@ -39,6 +39,8 @@ _TORCH_NAMES = [
     ("float8_e5m2", 1, "float"),
     ("float8_e5m2fnuz", 1, "float"),
     ("float8_e8m0fnu", 1, "float"),
+    # two 4-bit floats packed in each byte: stored as bytes, never averaged
+    ("float4_e2m1fn_x2", 1, "packed"),
     ("int8", 1, "int"),
     ("int16", 2, "int"),
     ("int32", 4, "int"),

@@ -189,6 +189,9 @@ class HostSnapshot:
         elif is_cuda:
             dst.copy_(data, non_blocking=True)
             self._sync_devices.add(data.device)
+        elif data.element_size() == 1 and not data.is_conj() and not data.is_neg():
+            # bytes as bytes: also float4_e2m1fn_x2, which has no copy kernel
+            dst.view(torch.uint8).copy_(data.view(torch.uint8))
         else:
             dst.copy_(data)
         if key is not None:

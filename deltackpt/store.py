@@ -272,6 +272,13 @@ class Store:
         if self._lock is not None and not self._lock.held:
             self._lock.acquire(self._lock_timeout)
 
+    def _release_writer(self) -> None:
+        """Give the writer lock (a remote store's lease) back; the next write takes it
+        again (and catches up with what other writers committed meanwhile)."""
+        with self._mutex:
+            if self._lock is not None and self._lock.held:
+                self._lock.release()
+
     # -- queries --------------------------------------------------------------
     def steps(self) -> list[int]:
         """All committed steps, ascending."""

@@ -34,10 +34,23 @@ def leaf_bytes(leaf: Leaf) -> np.ndarray:
     if t.is_neg():
         t = t.resolve_neg()
     if not t.is_contiguous():
-        t = t.contiguous()
+        t = contiguous(t)
     if t.numel() == 0:
         return np.empty(0, dtype=np.uint8)
     return t.reshape(-1).view(torch.uint8).numpy()
+
+
+def contiguous(t: torch.Tensor) -> torch.Tensor:
+    """``t.contiguous()``, also for dtypes without a copy kernel (float4_e2m1fn_x2): their
+    elements are copied as integers of the same size, bit for bit."""
+    try:
+        return t.contiguous()
+    except (NotImplementedError, RuntimeError):
+        same = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}.get(
+            t.element_size())
+        if same is None:
+            raise
+        return t.view(same).contiguous().view(t.dtype)
 
 
 def empty_output(kind: str, dtype: str, shape: tuple[int, ...], pin_memory: bool = False,

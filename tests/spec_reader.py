@@ -2,7 +2,7 @@
 
 Provenance: written by an implementer who read docs/format.md and nothing of deltackpt's
 source, as a check that the spec is enough for a second reader (session 7). It is kept as
-it was written, apart from lint; tests/test_spec_reader.py compares it with Store.load. When
+it was written, apart from lint and the float4 dtype the spec gained after it was written; tests/test_spec_reader.py compares it with Store.load. When
 it disagrees with the code, the spec or the code is wrong, not this file.
 
 Public API:
@@ -57,7 +57,7 @@ TORCH_DTYPES = {
     "float64": (8, 8), "float32": (4, 4), "float16": (2, 2), "bfloat16": (2, 2),
     "float8_e4m3fn": (1, 1), "float8_e4m3fnuz": (1, 1), "float8_e5m2": (1, 1),
     "float8_e5m2fnuz": (1, 1), "float8_e8m0fnu": (1, 1), "complex32": (4, 2),
-    "complex64": (8, 4), "complex128": (16, 8),
+    "complex64": (8, 4), "complex128": (16, 8), "float4_e2m1fn_x2": (1, 1),
     "int8": (1, 1), "int16": (2, 2), "int32": (4, 4), "int64": (8, 8),
     "uint8": (1, 1), "uint16": (2, 2), "uint32": (4, 4), "uint64": (8, 8), "bool": (1, 1),
 }

@@ -300,6 +300,98 @@ def test_metadata_is_json_not_pickle(store_path):
     assert meta.storage_data[next(iter(meta.storage_data))] == "model.w"
 
 
+def test_overlapping_async_saves_through_one_writer_keep_their_own_steps(store_path):
+    """Found in review: DCP runs each async_save on a thread of its own, and the writer kept
+    one step for all of them: a second save's reset() relabelled the first one (a step
+    holding another step's tensors). The first save's write now waits until the second
+    has reset, which used to break it every time."""
+    import threading
+
+    second_reset = threading.Event()
+
+    class Racing(StorageWriter):
+        def reset(self, checkpoint_id=None):
+            super().reset(checkpoint_id)
+            if checkpoint_id is not None and int(str(checkpoint_id)) == 30:
+                second_reset.set()
+
+        def write_data(self, plan, planner):
+            if plan.storage_data["step"] == 20:
+                assert second_reset.wait(30)
+            return super().write_data(plan, planner)
+
+    states = {s: {"w": torch.full((300, 257), float(s))} for s in (10, 20, 30)}
+    w = Racing(store_path, threads=1, block_size=4096)
+    try:
+        dcp.save(states[10], storage_writer=w, checkpoint_id=10, no_dist=True)
+        f20 = dcp.async_save(states[20], storage_writer=w, checkpoint_id=20, no_dist=True)
+        f30 = dcp.async_save(states[30], storage_writer=w, checkpoint_id=30, no_dist=True)
+        f20.result(timeout=60)
+        f30.result(timeout=60)
+    finally:
+        w.close()
+    with deltackpt.open(store_path) as s:
+        assert s.steps() == [10, 20, 30]
+        for step in (20, 30):
+            assert torch.equal(load_full(s, step)["w"], states[step]["w"])
+
+
+def test_a_writer_per_save_never_closed_and_metrics_for_one_step(store_path):
+    """The README's dcp.save(..., storage_writer=StorageWriter(path, step=N)) per save: rank
+    0's writer lock is given back at each commit (the next writer, or any other writer,
+    may take it), and metrics/tags/note describe the one step they came with."""
+    w = StorageWriter(store_path, step=1, threads=1, metrics={"loss": 1.5}, tags=["a"],
+                      note="first")
+    dcp.save(_state(1), storage_writer=w, no_dist=True)
+    dcp.save(_state(2), storage_writer=StorageWriter(store_path, step=2, threads=1),
+             no_dist=True)
+    with deltackpt.open(store_path) as other:  # the lock is free between saves
+        other.save({"plain": torch.ones(3)}, 3)
+    dcp.save(_state(4), storage_writer=w, checkpoint_id=4, no_dist=True)  # reused, unclosed
+    w.close()
+    with deltackpt.open(store_path) as s:
+        assert s.steps() == [1, 2, 3, 4]
+        i1, i4 = s.info(1), s.info(4)
+        assert (i1.metrics, i1.tags, i1.note) == ({"loss": 1.5}, ["a"], "first")
+        assert (i4.metrics, i4.tags, i4.note) == ({}, [], None)
+
+
+def test_a_pickled_writer_opens_its_own_store_and_gives_the_lock_back(store_path):
+    """DCP's process-based async_save pickles the writer into a daemon on every save."""
+    import pickle
+
+    w = StorageWriter(store_path, threads=1)
+    dcp.save(_state(1), storage_writer=w, checkpoint_id=1, no_dist=True)
+    copy = pickle.loads(pickle.dumps(w))
+    dcp.save(_state(2), storage_writer=copy, checkpoint_id=2, no_dist=True)
+    dcp.save(_state(3), storage_writer=w, checkpoint_id=3, no_dist=True)
+    w.close()
+    copy.close()
+    with deltackpt.open(store_path) as s:
+        assert s.steps() == [1, 2, 3]
+
+
+def test_a_reused_reader_without_a_step_loads_the_latest_each_time(store_path):
+    _save(store_path, _state(1), 1)
+    reader = StorageReader(store_path)
+    target = {"model": {"w": torch.zeros(300, 257)}}
+    dcp.load(target, storage_reader=reader, no_dist=True)
+    assert torch.equal(target["model"]["w"], _state(1)["model"]["w"])
+    reader.close()  # lets the next save take the store
+    _save(store_path, _state(2), 2)
+    dcp.load(target, storage_reader=reader, no_dist=True)
+    assert torch.equal(target["model"]["w"], _state(2)["model"]["w"]) and reader.step == 2
+    reader.close()
+
+
+def test_float4_round_trips_like_file_system_writer(store_path):
+    packed = det_tensor(torch.uint8, (64,), 1).view(torch.float4_e2m1fn_x2)
+    _save(store_path, {"q": packed}, 1)
+    target = {"q": torch.empty_like(packed)}
+    dcp.load(target, storage_reader=StorageReader(store_path, step=1), no_dist=True)
+    assert torch.equal(target["q"].view(torch.uint8), packed.view(torch.uint8))
+
+
 def test_chunk_key():
     assert chunk_key("a.w", [0, 0], [4, 2], [4, 2]) == "a.w"
     assert chunk_key("a.w", [2, 0], [2, 2], [4, 2]) == "a.w#chunk(2,0)"
