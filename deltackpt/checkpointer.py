@@ -344,6 +344,11 @@ class Checkpointer:
         self._reclaimed = False
         #: steps newer than the one resume() restored, saved by an earlier run
         self._resumed_before: set[int] = set()
+        #: the extras of the step resume() restored, for extras registered after it
+        self._resumed_extra: dict[str, Any] | None = None
+        # one save at a time, from any thread: a save's snapshot reuses the host buffers
+        # the previous one filled, and two callers at once would write into each other's
+        self._save_lock = threading.RLock()
         self._closed = False
 
     # -- configuration -----------------------------------------------------------
@@ -356,18 +361,28 @@ class Checkpointer:
                  setter: Callable[[Any], None] | None = None) -> Any:
         """Save and restore extra state under ``state["extra"][name]``; returns ``obj``.
 
-        ``obj`` may have ``state_dict()``/``load_state_dict()`` (a sampler, a
-        stateful data loader, a GradScaler...), be a ``torch.Generator``, a
+        ``obj`` may have ``state_dict()``/``load_state_dict()`` (a stateful sampler or data
+        loader, a GradScaler...; torch's own RandomSampler and DataLoader keep no state and
+        cannot be registered), be a ``torch.Generator``, a
         ``numpy.random.Generator``/``RandomState`` or ``random.Random`` (their
         state is saved), or a ``dict``/``list`` of plain values that is saved and
         updated *in place* on resume. For anything else give ``getter=`` (returns
-        a storable value) and ``setter=`` (receives it back).
+        a storable value) and ``setter=`` (receives it back). Registered after
+        :meth:`resume`, it receives the resumed step's state for it right away.
         """
         if not isinstance(name, str) or not name:
             raise TypeError("register() name must be a non-empty str")
         if name in self._extras:
             raise ValueError(f"{name!r} is already registered")
-        self._extras[name] = _make_extra(name, obj, getter, setter)
+        extra = self._extras[name] = _make_extra(name, obj, getter, setter)
+        resumed = self._resumed_extra
+        if resumed is not None:
+            # registered after resume(): give it the state the checkpoint holds for it
+            if name in resumed:
+                extra.set(resumed[name])
+            else:
+                warnings.warn(f"{name!r} was registered after resume(), and the checkpoint "
+                              "resumed from holds no extra state for it", stacklevel=2)
         return None if obj is _MISSING else obj
 
     # -- state ---------------------------------------------------------------------
@@ -433,6 +448,8 @@ class Checkpointer:
                 return 0
         state = self._store.load(step, map_location=map_location)
         self.restore(state, strict=strict)
+        # for extras registered after this call (until the next save)
+        self._resumed_extra = state.get("extra", {}) if isinstance(state, dict) else {}
         step = int(step)
         newer = [s for s in self._store.steps() if s > step]
         if discard_newer and newer:
@@ -468,14 +485,15 @@ class Checkpointer:
         ``keep_best`` metric whose value would rank among the kept best. A step
         already saved (or resumed from) is not saved again.
         """
-        self._check_open()
-        self._raise_pending()
-        step = _check_step(step)
-        clean = _clean_metrics(metrics)
-        if not self.due(step, clean):
-            return False
-        self.save(step, clean)
-        return True
+        with self._save_lock:
+            self._check_open()
+            self._raise_pending()
+            step = _check_step(step)
+            clean = _clean_metrics(metrics)
+            if not self.due(step, clean):
+                return False
+            self.save(step, clean)
+            return True
 
     def save(self, step: int, metrics: dict[str, Any] | None = None, *,
              tags: Sequence[str] | None = None, note: str | None = None) -> None:
@@ -483,8 +501,15 @@ class Checkpointer:
 
         Blocks while a previous save is still in flight, then while the state is
         copied to host memory. Raises :class:`BackgroundSaveError` (without
-        saving) when the previous background save failed.
+        saving) when the previous background save failed. Calls from several threads
+        take turns.
         """
+        with self._save_lock:
+            self._save(step, metrics, tags, note)
+
+    def _save(self, step: int, metrics: dict[str, Any] | None, tags: Sequence[str] | None,
+              note: str | None) -> None:
+        self._resumed_extra = None
         self._check_open()
         t0 = time.perf_counter()
         self._drain()

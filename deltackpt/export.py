@@ -448,7 +448,7 @@ def _count_values(node: Any) -> int:
         tag = node[0]
         if tag in ("L", "T"):
             return sum(_count_values(v) for v in node[1])
-        if tag in ("D", "O"):
+        if tag in ("D", "O", "C"):
             return sum(_count_values(v) for _, v in node[1])
         return 0 if tag == "E" else 1
     return 1

@@ -14,6 +14,7 @@ Tree encoding (format version 1; see docs/format.md):
   (any other NaN: its 64 bits as 16 hex digits);
 - ``["I", hex]`` an int outside the int64 range (``hex(value)``, e.g. ``"-0x1f"``);
 - ``["L", [..]]`` list, ``["T", [..]]`` tuple, ``["D", [[key, value], ..]]`` dict,
+  ``["C", [[key, value], ..]]`` collections.Counter,
   ``["O", [[key, value], ..], metadata]`` OrderedDict (``metadata`` is the tree of
   a ``state_dict()``'s ``_metadata`` attribute or null); keys are str or int;
 - ``["E", index, attrs]`` the entry with that index (attrs: ``{}`` or e.g.
@@ -161,13 +162,15 @@ class _Flattener:
         if t is list or t is tuple:
             items = [self.walk(v, join_path(path, i), depth + 1) for i, v in enumerate(value)]
             return ["L" if t is list else "T", items]
-        if t is dict or t is collections.OrderedDict:
+        if t is dict or t is collections.OrderedDict or t is collections.Counter:
             pairs = []
             for k, v in value.items():
                 k = self.key(k, path)
                 pairs.append([k, self.walk(v, join_path(path, k), depth + 1)])
             if t is dict:
                 return ["D", pairs]
+            if t is collections.Counter:  # MultiStepLR's milestones
+                return ["C", pairs]
             meta = getattr(value, "_metadata", None)
             meta_tree = None if meta is None else self.walk(meta, join_path(path, "@metadata"),
                                                             depth + 1)
@@ -293,6 +296,8 @@ def _build(node: Any, entries: dict[int, Any], depth: int) -> Any:
         return items if tag == "L" else tuple(items)
     if tag == "D":
         return {k: _build(v, entries, depth + 1) for k, v in node[1]}
+    if tag == "C":
+        return collections.Counter({k: _build(v, entries, depth + 1) for k, v in node[1]})
     if tag == "O":
         od = collections.OrderedDict((k, _build(v, entries, depth + 1)) for k, v in node[1])
         if len(node) > 2 and node[2] is not None:
@@ -325,7 +330,7 @@ def entry_nodes(tree: Any) -> list[tuple[int, dict[str, Any]]]:
                 out.append((int(node[1]), attrs))
             elif tag in ("L", "T"):
                 stack.extend(reversed(node[1]))
-            elif tag in ("D", "O"):
+            elif tag in ("D", "O", "C"):
                 # an OrderedDict's _metadata comes after its items, as flatten walks them
                 if tag == "O" and len(node) > 2 and node[2] is not None:
                     stack.append(node[2])
@@ -358,7 +363,7 @@ def select_tree(tree: Any, select: list[str]) -> Any:
             if deeper:  # overlapping paths: the whole node is kept, but they must exist
                 walk(node, deeper)
             return node
-        if not (isinstance(node, list) and node and node[0] in ("L", "T", "D", "O")):
+        if not (isinstance(node, list) and node and node[0] in ("L", "T", "D", "O", "C")):
             return _MISSING
         tag = node[0]
         if tag in ("L", "T"):

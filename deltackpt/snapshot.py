@@ -47,8 +47,9 @@ from typing import Any
 import numpy as np
 
 from ._torch import torch
+from .dtypes import numpy_dtype_name
 from .errors import UnsupportedValueError
-from .flatten import check_tensor, join_path, unsupported
+from .flatten import check_tensor, check_text, join_path, unsupported
 
 _PLAIN = (type(None), bool, int, float, str, bytes)
 
@@ -129,13 +130,15 @@ class HostSnapshot:
         if t is tuple:
             return tuple(self._walk(v, join_path(path, i), depth + 1)
                          for i, v in enumerate(value))
-        if t is dict or t is collections.OrderedDict:
+        if t is dict or t is collections.OrderedDict or t is collections.Counter:
             out = t()
             for k, v in value.items():
                 if type(k) is not str and type(k) is not int:
                     raise UnsupportedValueError(
                         f"dict key {k!r} of type {type(k).__name__} at '{path or '/'}' is "
                         "not supported: keys must be str or int")
+                if type(k) is str:
+                    check_text(k, f"dict key {k!r} at '{path or '/'}'")
                 out[k] = self._walk(v, join_path(path, k), depth + 1)
             meta = getattr(value, "_metadata", None) if t is collections.OrderedDict else None
             if meta is not None:
@@ -146,6 +149,8 @@ class HostSnapshot:
         if t is np.ndarray:
             return self._array(value, path)
         if isinstance(value, np.generic) and t is not np.object_:
+            if numpy_dtype_name(value.dtype) is None:  # as flatten would refuse it, now
+                raise unsupported(path, value, f"numpy dtype {value.dtype} has no fixed layout")
             return value  # numpy scalars are immutable
         raise unsupported(path, value)
 

@@ -1945,7 +1945,7 @@ def _is_thinning(m: Any, i: Any) -> bool:
     if _canon(m) == _canon(i):
         return True
     if not (isinstance(m, list) and isinstance(i, list) and len(m) >= 2 and len(i) >= 2
-            and m[0] == i[0] and m[0] in ("L", "T", "D", "O")
+            and m[0] == i[0] and m[0] in ("L", "T", "D", "O", "C")
             and isinstance(m[1], list) and isinstance(i[1], list)):
         return False
     if m[0] in ("L", "T"):

@@ -50,7 +50,7 @@ def assert_state_equal(actual: Any, expected: Any, path: str = "<root>") -> None
     """Fail unless ``actual`` is a bit-exact reconstruction of ``expected``."""
     ta, te = type(actual), type(expected)
     assert ta is te, f"{path}: type {ta.__qualname__} != expected {te.__qualname__}"
-    if te is dict or te is collections.OrderedDict:
+    if te is dict or te is collections.OrderedDict or te is collections.Counter:
         ka, ke = list(actual.keys()), list(expected.keys())
         assert [(type(k), k) for k in ka] == [(type(k), k) for k in ke], (
             f"{path}: keys {ka!r} != expected {ke!r} (order and key types matter)")

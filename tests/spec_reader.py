@@ -650,6 +650,10 @@ def _decode_tree(node, entries: dict, br: _BlockReader, depth: int = 0):
         if len(node) != 2:
             raise FormatError("malformed D node")
         return dict(pairs(node[1]))
+    if tag == "C":  # added with the spec's C node (session 7), not by the original author
+        if len(node) != 2:
+            raise FormatError("malformed C node")
+        return collections.Counter(dict(pairs(node[1])))
     if tag == "O":
         if len(node) not in (2, 3):
             raise FormatError("malformed O node")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import math
 import os
 import random
@@ -737,3 +738,92 @@ def test_crash_during_retention_leaves_a_consistent_store(store_path, point):
         assert ck.store.verify().ok
         again = ck.store.gc(repack_threshold=0.0)
         assert again.objects_deleted == 0 and again.bytes_freed == 0
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_saves_from_two_threads_take_turns(store_path, async_save):
+    """Found in review: two threads saving through one Checkpointer overwrote each other's
+    host snapshot while a background save still encoded it (steps that failed to load or
+    held the other thread's values)."""
+    ck = Checkpointer(store_path, model=small_model(0), async_save=async_save)
+    live_state = ck.state
+
+    def state_with_step(step):  # every save carries its own step number in its bytes
+        state = live_state(step)
+        state["extra"]["v"] = torch.full((4096,), float(step))
+        return state
+
+    ck.state = state_with_step
+    per_thread = {1: [100 + i for i in range(6)], 2: [200 + i for i in range(6)]}
+    barrier = threading.Barrier(2)
+
+    def run(tid: int) -> None:
+        barrier.wait()
+        for step in per_thread[tid]:
+            ck.save(step)
+
+    threads = [threading.Thread(target=run, args=(t,)) for t in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ck.close()
+    with deltackpt.open(store_path) as s:
+        assert s.steps() == sorted(per_thread[1] + per_thread[2])
+        for step in s.steps():
+            assert torch.equal(s.load(step)["extra"]["v"], torch.full((4096,), float(step)))
+        assert s.verify().ok
+
+
+def test_multistep_and_sequential_schedulers_resume(store_path):
+    """MultiStepLR keeps its milestones in a collections.Counter (format §12.1 'C')."""
+    def make():
+        model = small_model(0)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        warm = torch.optim.lr_scheduler.LinearLR(opt, 0.5, total_iters=2)
+        multi = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[3, 5, 5], gamma=0.5)
+        return model, opt, torch.optim.lr_scheduler.SequentialLR(opt, [warm, multi], [2])
+
+    model, opt, sched = make()
+    with Checkpointer(store_path, model=model, optimizer=opt, scheduler=sched) as ck:
+        for _ in range(4):
+            train_step(model, opt, sched)
+        ck.save(4)
+        expect = sched.state_dict()
+        lrs = []
+        for _ in range(4):
+            train_step(model, opt, sched)
+            lrs.append(opt.param_groups[0]["lr"])
+    model2, opt2, sched2 = make()
+    with Checkpointer(store_path, model=model2, optimizer=opt2, scheduler=sched2) as ck:
+        assert ck.resume() == 4
+        assert sched2.state_dict() == expect
+        milestones = sched2.state_dict()["_schedulers"][1]["milestones"]
+        assert type(milestones) is collections.Counter and milestones[5] == 2
+        again = []
+        for _ in range(4):
+            train_step(model2, opt2, sched2)
+            again.append(opt2.param_groups[0]["lr"])
+    assert again == lrs
+
+
+def test_an_extra_registered_after_resume_gets_its_state(store_path):
+    with Checkpointer(store_path, model=small_model(0)) as ck:
+        ck.register("counter", {"n": 77})
+        ck.save(1)
+    with Checkpointer(store_path, model=small_model(0)) as ck:
+        assert ck.resume() == 1
+        late = ck.register("counter", {"n": 0})
+        assert late == {"n": 77}
+        with pytest.warns(UserWarning, match="'other' was registered after resume"):
+            ck.register("other", {"m": 1})
+
+
+@pytest.mark.parametrize("bad", [{"s": np.str_("x")}, {"\ud800": 1}],
+                         ids=["numpy str scalar", "lone surrogate key"])
+def test_async_saves_refuse_what_the_store_cannot_hold_in_the_caller(store_path, bad):
+    with Checkpointer(store_path, model=small_model(0), async_save=True) as ck:
+        ck.register("bad", getter=lambda: bad, setter=lambda v: None)
+        with pytest.raises(UnsupportedValueError):
+            ck.save(1)
+        assert not ck.in_flight and ck.store.steps() == []
