@@ -579,12 +579,25 @@ def resume_checkpoint(store: Store | str | os.PathLike, output_dir: str | os.Pat
         if step is None:
             return None
         target = os.path.join(os.fspath(output_dir), f"{CHECKPOINT_PREFIX}-{step}")
-        if not os.path.isdir(target):
-            materialize(s, step, target)
+        # a directory of a stored step may be one the callback was removing when the run
+        # died (files gone, trainer_state.json still there): the store decides what it holds
+        materialize(s, step, target, overwrite=True)
         return target
     finally:
         if owned:
             s.close()
+
+
+def _remove_dir(path: str) -> None:
+    """Remove a checkpoint directory so that no interrupted removal leaves something that
+    looks like a checkpoint: rename it out of the ``checkpoint-N`` namespace first."""
+    trash = os.path.join(os.path.dirname(path),
+                         f".deltackpt-removing-{os.path.basename(path)}-{os.getpid()}")
+    try:
+        os.rename(path, trash)
+    except OSError:
+        trash = path  # another filesystem's rules: remove it in place
+    shutil.rmtree(trash)
 
 
 def _newest_complete_dir(output_dir: str) -> tuple[int, str] | None:
@@ -677,7 +690,8 @@ class DeltaCheckpointCallback(_CallbackBase):  # type: ignore[misc,valid-type]
         self._inflight_step: int | None = None
         self._error: BaseException | None = None
         self._error_job: tuple[str, int] = ("", 0)
-        self._materialized_best: str | None = None
+        #: best checkpoints materialized for load_best_model_at_end, removed at the end
+        self._materialized_best: list[str] = []
         self._closed = False
 
     # -- background work -----------------------------------------------------------------
@@ -714,7 +728,7 @@ class DeltaCheckpointCallback(_CallbackBase):  # type: ignore[misc,valid-type]
         ingest_s = time.perf_counter() - t0
         removed = False
         if self.remove_checkpoints:
-            shutil.rmtree(path)
+            _remove_dir(path)
             removed = True
         deleted = self._rotate(limit, protect)
         rec = IngestRecord(step, dir_bytes, result.written_bytes, result.logical_bytes,
@@ -733,7 +747,9 @@ class DeltaCheckpointCallback(_CallbackBase):  # type: ignore[misc,valid-type]
         """Delete the steps the Trainer's rotate_checkpoints would delete (then gc)."""
         if limit is None or limit <= 0:
             return []
-        steps = self.store.steps()
+        # in save order, as the Trainer rotates by mtime: after a resume from an older
+        # step the newest save is not the highest step number
+        steps = [i.step for i in sorted(self.store.log(), key=lambda i: (i.created_at, i.step))]
         protected = {steps[-1]} if steps else set()
         if best is not None and best in steps:
             protected.add(best)
@@ -759,15 +775,15 @@ class DeltaCheckpointCallback(_CallbackBase):  # type: ignore[misc,valid-type]
     # -- Trainer events ------------------------------------------------------------------
     @staticmethod
     def _best_step(state: Any) -> int | None:
-        best = getattr(state, "best_global_step", None)
-        if best:
-            return int(best)
+        # the checkpoint the Trainer will load and its rotation protects; best_global_step
+        # may name an evaluation that had no save (eval_steps finer than save_steps)
         path = getattr(state, "best_model_checkpoint", None)
         if path:
             m = _CHECKPOINT_RE.match(os.path.basename(os.path.normpath(path)))
             if m:
                 return int(m.group(1))
-        return None
+        best = getattr(state, "best_global_step", None)
+        return int(best) if best else None
 
     @staticmethod
     def _metrics(state: Any) -> dict[str, Any]:
@@ -837,14 +853,15 @@ class DeltaCheckpointCallback(_CallbackBase):  # type: ignore[misc,valid-type]
         if os.path.isdir(target) or best is None or best not in self.store:
             return
         materialize(self.store, best, target)
-        self._materialized_best = target
+        self._materialized_best.append(target)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.wait()
         self._rotate(args.save_total_limit, self._best_step(state), final=True)
-        if self._materialized_best and self.remove_checkpoints:
-            shutil.rmtree(self._materialized_best, ignore_errors=True)
-        self._materialized_best = None
+        if self.remove_checkpoints:
+            for path in self._materialized_best:
+                shutil.rmtree(path, ignore_errors=True)
+        self._materialized_best = []
 
     # -- lifecycle -----------------------------------------------------------------------
     def _check_open(self) -> None:

@@ -211,7 +211,12 @@ class Store:
         self.backend = backend
         self.config = config
         self.location = location
-        self._index = Index(index_path, durable=backend.durable)
+        try:
+            self._index = Index(index_path, durable=backend.durable)
+        except sqlite3.Error as exc:
+            # e.g. "attempt to write a readonly database": SQLite names no file
+            raise StorageError(f"{location}: cannot open the index {index_path}: {exc} "
+                               "(the store's directory must be writable)") from exc
         self._index.check_version()
         self._lock = WriterLock(lock_path) if lock_path else None
         # opening an up-to-date index writes nothing: readers must not queue behind a writer

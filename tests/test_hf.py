@@ -420,3 +420,92 @@ def test_best_step_survives_a_resume(tmp_path):
     live = trainer.model.state_dict()
     assert_state_equal({k: live[k].detach() for k in best}, best)
     assert checkpoint_dirs(out) == [6]  # the resume source stays; the best copy was removed
+
+
+class _Scripted:
+    """compute_metrics returning scripted scores, one per evaluation."""
+
+    def __init__(self, scores):
+        self.scores = list(scores)
+
+    def __call__(self, _pred):
+        return {"score": self.scores.pop(0)}
+
+
+def _final_weights_equal(a: Trainer, b: Trainer) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(),
+                                                 b.model.state_dict().values()))
+
+
+@pytest.mark.parametrize("limit", [1, None])
+def test_the_best_checkpoint_is_the_best_saved_one(tmp_path, limit):
+    """Found in review: evaluating more often than saving, the best evaluation (step 6) has
+    no checkpoint; the Trainer keeps and loads the best *saved* step (4). The callback went
+    by best_global_step: it deleted step 4 and the Trainer kept the last weights."""
+    kw = dict(eval_strategy="steps", eval_steps=2, save_total_limit=limit,
+              load_best_model_at_end=True, metric_for_best_model="score",
+              greater_is_better=True)
+    ref = make_trainer(str(tmp_path / "ref"), save_steps=4,
+                       compute_metrics=_Scripted([1, 5, 6, 2]), **kw)
+    ref.train()
+    cb = DeltaCheckpointCallback(str(tmp_path / "store"))
+    t = make_trainer(str(tmp_path / "out"), [cb], save_steps=4,
+                     compute_metrics=_Scripted([1, 5, 6, 2]), **kw)
+    t.train()
+    cb.close()
+    assert os.path.basename(t.state.best_model_checkpoint) == "checkpoint-4"
+    with deltackpt.open(str(tmp_path / "store")) as s:
+        assert s.steps() == ([4] if limit == 1 else [4, 8])
+    assert _final_weights_equal(ref, t)
+    assert checkpoint_dirs(str(tmp_path / "out")) == []
+
+
+def test_a_rolled_back_run_keeps_its_newest_save_under_save_total_limit(tmp_path):
+    """Run 1 saves 2, 4, 6, 8; run 2 resumes from 2 with save_total_limit=2 and dies after
+    saving 4. The Trainer rotates by time, keeping the new 4; the callback protected the
+    highest step number (the old 8) and deleted the 4 it had just stored."""
+    class Stop(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 5:
+                raise KeyboardInterrupt("simulated crash at step 5")
+
+    out, store = str(tmp_path / "out"), str(tmp_path / "store")
+    cb = DeltaCheckpointCallback(store)
+    make_trainer(out, [cb]).train()
+    cb.close()
+    src = resume_checkpoint(store, out, step=2)
+    cb = DeltaCheckpointCallback(store)
+    t = make_trainer(out, [Stop(), cb], save_total_limit=2)
+    with pytest.raises(KeyboardInterrupt):
+        t.train(resume_from_checkpoint=src)
+    cb.close()
+    with deltackpt.open(store) as s:
+        assert 4 in s.steps() and len(s.steps()) == 2
+        assert s.info(4).created_at == max(i.created_at for i in s.log())
+
+
+def test_resume_trusts_the_store_over_a_half_removed_directory(reference, tmp_path):
+    """A run killed while the callback removed checkpoint-8 leaves a directory with only
+    trainer_state.json: resuming from it silently skipped optimizer, scheduler and RNG."""
+    out = tmp_path / "out"
+    half = out / "checkpoint-8"
+    half.mkdir(parents=True)
+    whole = _materialized(reference, tmp_path, 8)
+    shutil.copy(whole / "trainer_state.json", half / "trainer_state.json")
+    got = resume_checkpoint(reference["store"], str(out))
+    assert got == str(half)
+    assert_dirs_identical(str(half), str(whole))
+
+
+def test_no_best_checkpoint_directory_is_left_behind(tmp_path):
+    """Per-epoch saves with load_best_model_at_end, the last epoch the new best: the
+    previous best, materialized before the final save, was never removed."""
+    cb = DeltaCheckpointCallback(str(tmp_path / "store"))
+    t = make_trainer(str(tmp_path / "out"), [cb], max_steps=-1, num_train_epochs=3,
+                     save_strategy="epoch", eval_strategy="epoch", load_best_model_at_end=True,
+                     metric_for_best_model="score", greater_is_better=True,
+                     compute_metrics=_Scripted([1, 5, 9]))
+    t.train()
+    cb.close()
+    assert os.path.basename(t.state.best_model_checkpoint) == "checkpoint-18"
+    assert checkpoint_dirs(str(tmp_path / "out")) == []

@@ -838,3 +838,21 @@ def test_a_missing_pack_is_corruption_naming_the_step_and_pack(tmp_path):
             s.load(7)
         assert pack.split("/")[-1] in str(ei.value)
         assert not s.verify().ok
+
+
+def test_an_index_sqlite_cannot_open_is_a_storage_error_naming_it(tmp_path, monkeypatch):
+    """A read-only store directory: SQLite's 'attempt to write a readonly database' names
+    no file (root ignores permissions, so the failure is injected)."""
+    import deltackpt.store as store_mod
+    from deltackpt.errors import StorageError
+
+    path = os.path.join(tmp_path, "s")
+    with deltackpt.open(path) as s:
+        s.save({"w": torch.ones(2)}, 1)
+
+    def readonly(*args, **kwargs):
+        raise sqlite3.OperationalError("attempt to write a readonly database")
+
+    monkeypatch.setattr(store_mod, "Index", readonly)
+    with pytest.raises(StorageError, match=r"index\.sqlite: attempt to write a readonly.*writable"):
+        deltackpt.open(path)
