@@ -162,6 +162,8 @@ def rebuild_into(idx: Index, backend: Backend, result: ReindexResult, *,
             continue
         try:
             manifests.append((name, decode_manifest(read_manifest(name), name)))
+        except FileNotFoundError:
+            continue  # listed, then deleted (another writer's delete or thin): step gone
         except (CorruptionError, FormatVersionError) as exc:
             result.problems.append(str(exc))
     known: dict[bytes, int] = {}  # blocks the index already has -> depth

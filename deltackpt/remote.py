@@ -12,6 +12,7 @@ load finds a pack gone. docs/object-storage.md is the user's guide.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -29,6 +30,7 @@ from .errors import (
     CorruptionError,
     FormatVersionError,
     InvalidStoreError,
+    StorageError,
     StoreLockedError,
 )
 from .fsspec_backend import (
@@ -68,7 +70,7 @@ DEFAULT_LEASE_TTL = 60.0
 #: one PUT sent in the background while the save encodes the next (docs/object-storage.md)
 DEFAULT_REMOTE_PACK_SIZE = 16 * 1024 * 1024
 #: URL schemes handed to fsspec (``memory://`` alone stays deltackpt's MemoryBackend)
-_URL = re.compile(r"^([a-z][a-z0-9+.-]*)://(.*)$")
+_URL = re.compile(r"^([a-z][a-z0-9+.-]*)://(.*)$", re.IGNORECASE)  # schemes ignore case
 
 
 def is_remote_url(path: Any) -> bool:
@@ -77,7 +79,13 @@ def is_remote_url(path: Any) -> bool:
     if not isinstance(path, str):
         return False
     m = _URL.match(path)
-    return bool(m) and m.group(1) not in ("memory", "file")
+    return bool(m) and m.group(1).lower() not in ("memory", "file")
+
+
+def normalize_url(url: str) -> str:
+    """``url`` with its scheme in lower case (``S3://b/x`` is ``s3://b/x``)."""
+    m = _URL.match(url)
+    return f"{m.group(1).lower()}://{m.group(2)}" if m else url
 
 
 def default_cache_dir(url: str) -> str:
@@ -92,6 +100,7 @@ def backend_for_url(url: str, *, storage_options: dict[str, Any] | None = None,
                     readahead: int = DEFAULT_READAHEAD) -> FsspecBackend:
     """The :class:`FsspecBackend` of a store URL. ``fsspec+PROTO://path`` names any fsspec
     protocol (``fsspec+memory://bucket/x`` is fsspec's in-memory filesystem)."""
+    url = normalize_url(url)
     m = _URL.match(url)
     if not m or not is_remote_url(url):
         raise InvalidStoreError(f"{url}: not an object-storage URL")
@@ -182,7 +191,7 @@ class Lease:
                     f"{self.backend.url}: another writer holds the lease "
                     f"({holder.get('host', '?')} pid {holder.get('pid', '?')}, "
                     f"expires in {left:.0f} s unless renewed); wait for it to finish, or open "
-                    "the store with lock_timeout=SECONDS to wait")
+                    "the store with lock_timeout=SECONDS (Python) to wait")
             time.sleep(min(1.0, max(0.05, deadline - time.monotonic())))
         with self._lock:
             self._etag, self._expires, self._lost = etag, now + self.ttl, None
@@ -281,11 +290,28 @@ class _ScanCache:
     and manifest bytes by ETag; a file of its own beside the index cache."""
 
     def __init__(self, path: str) -> None:
-        self.conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None,
-                                    timeout=60.0)
         self.lock = threading.Lock()
-        self.conn.execute("PRAGMA journal_mode = WAL")
-        self.conn.executescript(_SCAN_SCHEMA)
+        try:
+            self.conn = self._open(path)
+        except sqlite3.DatabaseError:
+            # a cache of what packs hold, nothing else: a damaged one is set aside and
+            # refilled by the next scans (as a damaged index cache is rebuilt)
+            for suffix in ("", "-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.replace(path + suffix, f"{path}{suffix}.broken-{int(time.time())}")
+            self.conn = self._open(path)
+
+    @staticmethod
+    def _open(path: str) -> sqlite3.Connection:
+        conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None,
+                               timeout=60.0)
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.executescript(_SCAN_SCHEMA)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
 
     def get(self, names: list[str]) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -425,8 +451,18 @@ class RemoteStore(Store):
                  pack_size: int = DEFAULT_REMOTE_PACK_SIZE, scan_threads: int = 16,
                  catch_up_on_open: bool = True, cache_index: str = INDEX_NAME) -> None:
         os.makedirs(cache_dir, exist_ok=True)
-        with open(os.path.join(cache_dir, "source.txt"), "w", encoding="utf-8") as f:
-            f.write(backend.url + "\n")  # which store this cache mirrors, for people
+        source = os.path.join(cache_dir, "source.txt")
+        try:
+            with open(source, encoding="utf-8") as f:
+                mirrored = f.read().strip()
+        except (FileNotFoundError, UnicodeDecodeError):
+            mirrored = ""
+        if mirrored and mirrored != backend.url:
+            # without ETags a cache cannot tell two stores' same-named manifests apart
+            raise InvalidStoreError(f"{backend.url}: cache_dir {cache_dir} is the cache of "
+                                    f"{mirrored}; give each store a cache_dir of its own")
+        with open(source, "w", encoding="utf-8") as f:
+            f.write(backend.url + "\n")  # which store this cache mirrors
         self.cache_dir = cache_dir
         #: the cache's index file in ``cache_dir`` (a DCP rank has one of its own)
         self.cache_index = cache_index
@@ -790,18 +826,24 @@ def open_remote(target: str | FsspecBackend, *, block_size: int | None = None,
         raw: bytes | None = backend.read(CONFIG_NAME)
     except FileNotFoundError:
         raw = None
+    except PermissionError as exc:  # the filesystem's message names no URL
+        raise StorageError(f"{url}: access denied: {exc}") from exc
     if raw is None:
         if not create:
-            raise InvalidStoreError(f"{url}: no deltackpt store here")
-        if backend.list(PACK_PREFIX) or backend.list(MANIFEST_PREFIX):
-            raise InvalidStoreError(f"{url}: packs or manifests exist but no {CONFIG_NAME}; "
-                                    "refusing to create a store over them")
-        cfg = _new_config(block_size, hash, level, delta)
+            raise InvalidStoreError(f"{url}: no deltackpt store here (or its bucket does not "
+                                    "exist or cannot be listed)")
         try:
-            backend.put_if_absent(CONFIG_NAME,
-                                  json.dumps(cfg.to_json(), indent=2).encode() + b"\n")
-        except FileExistsError:  # another process created it first: use theirs
-            raw = backend.read(CONFIG_NAME)
+            if backend.list(PACK_PREFIX) or backend.list(MANIFEST_PREFIX):
+                raise InvalidStoreError(f"{url}: packs or manifests exist but no "
+                                        f"{CONFIG_NAME}; refusing to create a store over them")
+            cfg = _new_config(block_size, hash, level, delta)
+            try:
+                backend.put_if_absent(CONFIG_NAME,
+                                      json.dumps(cfg.to_json(), indent=2).encode() + b"\n")
+            except FileExistsError:  # another process created it first: use theirs
+                raw = backend.read(CONFIG_NAME)
+        except (FileNotFoundError, PermissionError) as exc:  # no bucket, no rights
+            raise StorageError(f"{url}: cannot create a store here: {exc}") from exc
     if raw is not None:
         cfg = existing_config(raw, url, block_size, hash, level, delta)
     cache = os.fspath(cache_dir) if cache_dir is not None else default_cache_dir(url)

@@ -2112,10 +2112,12 @@ def open_store(
     open_remote`, which takes the extra ``remote`` options (``cache_dir``, ``lease_ttl``…).
     """
     if getattr(path, "is_s3", None) is not None or (
-            isinstance(path, str) and re.match(r"[a-z][a-z0-9+.-]*://", path)
-            and not path.startswith("memory://")):
-        from .remote import open_remote
+            isinstance(path, str) and re.match(r"[a-z][a-z0-9+.-]*://", path, re.IGNORECASE)
+            and not path.lower().startswith("memory://")):
+        from .remote import normalize_url, open_remote
 
+        if isinstance(path, str):
+            path = normalize_url(path)  # URL schemes ignore case: S3:// is s3://
         return open_remote(path, block_size=block_size, hash=hash, level=level, delta=delta,
                            fsync=fsync, threads=threads, lock_timeout=lock_timeout,
                            create=create, base_cache_bytes=base_cache_bytes, **remote)
@@ -2128,7 +2130,7 @@ def open_store(
         return Store(backend, ":memory:", cfg, None, threads, location="<memory>",
                      base_cache_bytes=base_cache_bytes)
     root = os.path.abspath(os.fspath(path))
-    if isinstance(path, str) and path.startswith("memory://"):
+    if isinstance(path, str) and path.lower().startswith("memory://"):
         cfg = _new_config(block_size, hash, level, delta)
         return Store(MemoryBackend(), ":memory:", cfg, None, threads, location=path,
                      base_cache_bytes=base_cache_bytes)
