@@ -509,7 +509,6 @@ class Checkpointer:
 
     def _save(self, step: int, metrics: dict[str, Any] | None, tags: Sequence[str] | None,
               note: str | None) -> None:
-        self._resumed_extra = None
         self._check_open()
         t0 = time.perf_counter()
         self._drain()
@@ -526,6 +525,7 @@ class Checkpointer:
             raise StepExistsError(f"{self._store.location}: step {step} already exists; "
                                   "was resume() called?")
         record = SaveRecord(step, self.async_save, wait_s=t_wait)
+        self._resumed_extra = None  # training went on: later registrations start fresh
         live = self.state(step)
         if not self.async_save:
             self._last_step = step

@@ -267,12 +267,13 @@ class StorageWriter(dcp_storage.StorageWriter):
         self._saves = threading.local()
         self._open_lock = threading.Lock()
         self._finalizer: weakref.finalize | None = None
+        self._in_flight = 0  # rank 0: saves planned and not yet committed
 
     def __getstate__(self) -> dict[str, Any]:
         # DCP's process-based async_save pickles the writer into its daemon: the copy opens
         # the store there (a store, its locks and threads do not travel)
         state = dict(self.__dict__)
-        for key in ("_saves", "_open_lock", "_finalizer"):
+        for key in ("_saves", "_open_lock", "_finalizer", "_in_flight"):
             state.pop(key, None)
         if not isinstance(self._target, Store):
             state["_store"] = None
@@ -283,21 +284,25 @@ class StorageWriter(dcp_storage.StorageWriter):
         self._init_runtime()
 
     def _save(self) -> SimpleNamespace:
-        """This save's state (step, parent, generation, save id), on this thread."""
+        """This save's state (step, parent, generation, save id), on this thread. DCP
+        calls reset() only when given a checkpoint_id: without one, a save starts from
+        ``self.step`` (which callers may set between saves) once the last one is done."""
         st = getattr(self._saves, "state", None)
-        if st is None:
-            st = self._saves.state = SimpleNamespace(step=self.step, parent=None,
-                                                     generation=None,
-                                                     save_id=uuid.uuid4().hex)
+        if st is None or st.done or (not st.explicit and st.step != self.step):
+            st = self._saves.state = self._new_save(self.step, explicit=False)
         return st
+
+    @staticmethod
+    def _new_save(step: int | None, explicit: bool) -> SimpleNamespace:
+        return SimpleNamespace(step=step, explicit=explicit, parent=None, generation=None,
+                               save_id=uuid.uuid4().hex, done=False, counted=False)
 
     # -- DCP protocol ---------------------------------------------------------------
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
         step = self.step if checkpoint_id is None else _parse_step(checkpoint_id)
         if checkpoint_id is not None:
             self.step = step  # what the last save asked for, as before (a public attribute)
-        self._saves.state = SimpleNamespace(step=step, parent=None, generation=None,
-                                            save_id=uuid.uuid4().hex)
+        self._saves.state = self._new_save(step, explicit=checkpoint_id is not None)
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
@@ -341,13 +346,19 @@ class StorageWriter(dcp_storage.StorageWriter):
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         store = self._writer_store(create=True)
+        save = self._save()
+        step = save.step
+        assert step is not None
+        if step in store:  # before taking the lock: a refused save must not keep it
+            raise StepExistsError(f"{store.location}: step {step} already exists; delete it "
+                                  "first or save under another step")
         with store._mutex:
             # held until the commit: no gc may delete the packs ranks are about to write,
             # and no other writer may commit this step meanwhile
             store._become_writer()
-        save = self._save()
-        step = save.step
-        assert step is not None
+            with self._open_lock:
+                self._in_flight += 1  # given back when no save through this writer is
+                save.counted = True   # between planning and commit
         if step in store:
             raise StepExistsError(f"{store.location}: step {step} already exists; delete it "
                                   "first or save under another step")
@@ -415,6 +426,8 @@ class StorageWriter(dcp_storage.StorageWriter):
             store._refresh_after_commit(plans, new_blocks, step)
             if remote:
                 store.record_rank_write(step, packs, new_blocks)
+        if not self._is_coordinator:
+            self._save().done = True  # this rank's part of the save ends here
         results = []
         claimed: set[bytes] = set()
         for item, p in zip(plan.items, plans):
@@ -495,11 +508,18 @@ class StorageWriter(dcp_storage.StorageWriter):
             metrics=self.metrics, tags=self.tags, note=self.note, generation=save.generation)
         self.metrics = self.tags = self.note = None  # they described this step only
         metadata.storage_data = {MetadataIndex(f, o): k for (f, o), k in keys.items()}
-        if not isinstance(self._target, Store) and not is_remote_url(self._target):
+        save.done = True
+        with self._open_lock:
+            if save.counted:
+                self._in_flight -= 1
+            idle = self._in_flight == 0
+        if idle and not isinstance(self._target, Store) and not is_remote_url(self._target):
             # held from planning to this commit: between saves another process may write,
             # and a writer per save that is never closed does not lock the next one out.
-            # (A remote store keeps its lease: taking it again lists every pack; a writer
-            # left to the garbage collector gives it back when its store closes.)
+            # Not while another save through this writer is still between planning and
+            # commit (its packs are not yet in the index: another writer's gc would delete
+            # them); a save that failed on the way keeps it until close() (safe, as before).
+            # A remote store keeps its lease: taking it again lists every pack.
             store._release_writer()
 
     # -- helpers --------------------------------------------------------------------
@@ -571,19 +591,28 @@ class StorageReader(dcp_storage.StorageReader):
         super().__init__()
         self._target = store_or_path
         self._options = open_options
-        #: the step asked for (None: the latest when each load starts); ``step`` is the
-        #: one the current load resolved it to
         self._requested = None if step is None else _parse_step(step)
-        self.step = self._requested
+        self._resolved: int | None = None
         self._batch = max(1, int(batch_bytes))
         self._store: Store | None = None
         self._keys: dict[MetadataIndex, str] = {}
         self._load_id = uuid.uuid4().hex
 
+    @property
+    def step(self) -> int | None:
+        """The step this reader loads: the one given (or set), else the latest step as
+        the current load resolved it (None before a load)."""
+        return self._requested if self._requested is not None else self._resolved
+
+    @step.setter
+    def step(self, value: int | None) -> None:
+        self._requested = None if value is None else _parse_step(value)
+        self._resolved = None
+
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
         if checkpoint_id is not None:
             self._requested = _parse_step(checkpoint_id)
-        self.step = self._requested  # "latest" means the latest at this load, not the last one
+        self._resolved = None  # "latest" means the latest at this load, not at the last one
         self._keys = {}
         self._load_id = uuid.uuid4().hex
 
@@ -600,7 +629,7 @@ class StorageReader(dcp_storage.StorageReader):
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         store = self._reader_store()
         step, desc = _read_desc(store, self._requested)
-        self.step = step
+        self._resolved = step
         meta, self._keys = _rebuild(desc, f"{store.location}: step {step}")
         if meta.storage_meta is None:
             meta.storage_meta = StorageMeta()

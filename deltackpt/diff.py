@@ -80,6 +80,8 @@ def _numeric(kind: str, dtype: str) -> Callable[[np.ndarray], torch.Tensor] | No
             dt = torch_dtype(dtype)
         except KeyError:
             return None
+        if dtype_info(kind, dtype).family == "packed":
+            return None  # two 4-bit floats a byte: no arithmetic; block figures only
         target = torch.complex128 if dt.is_complex else torch.float64
         return lambda buf: torch.from_numpy(buf).view(dt).to(target)
     if kind == "ndarray":

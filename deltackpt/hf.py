@@ -561,8 +561,8 @@ def materialize_files(store: Store | str | os.PathLike, step: int | None,
 def resume_checkpoint(store: Store | str | os.PathLike, output_dir: str | os.PathLike,
                       step: int | None = None) -> str | None:
     """Materialize ``step`` (default: latest) as ``<output_dir>/checkpoint-<step>`` unless
-    that directory already exists; the path for ``resume_from_checkpoint``, or None
-    when there is nothing to resume from.
+    that directory already holds every file of the step; the path for
+    ``resume_from_checkpoint``, or None when there is nothing to resume from.
 
     Without ``step``, a newer complete ``checkpoint-N`` directory already in
     ``output_dir`` (one with ``trainer_state.json``, which the Trainer writes last:
@@ -579,13 +579,38 @@ def resume_checkpoint(store: Store | str | os.PathLike, output_dir: str | os.Pat
         if step is None:
             return None
         target = os.path.join(os.fspath(output_dir), f"{CHECKPOINT_PREFIX}-{step}")
-        # a directory of a stored step may be one the callback was removing when the run
-        # died (files gone, trainer_state.json still there): the store decides what it holds
-        materialize(s, step, target, overwrite=True)
+        # a directory of a stored step may be one a removal interrupted (files gone,
+        # trainer_state.json still there): rewritten from the store unless it holds every
+        # file the step does. A complete one is left alone: under torchrun every rank calls
+        # this, and they must not rewrite a directory the others are reading
+        if not os.path.isdir(target) or _dir_files(target) != _stored_files(s, step):
+            materialize(s, step, target, overwrite=True)
         return target
     finally:
         if owned:
             s.close()
+
+
+def _dir_files(path: str) -> set[str]:
+    """Relative paths of the regular files under ``path`` ('/'-joined)."""
+    out = set()
+    for dirpath, _dirs, files in os.walk(path):
+        rel = os.path.relpath(dirpath, path)
+        for f in files:
+            out.add(f if rel == "." else f"{rel.replace(os.sep, '/')}/{f}")
+    return out
+
+
+def _stored_files(store: Store, step: int) -> set[str]:
+    """The file names a stored checkpoint directory holds, from its tree (no data read)."""
+    rows = store._index.query("SELECT tree FROM steps WHERE step=?", (step,))
+    if not rows:
+        return set()
+    tree = json.loads(rows[0][0])
+    for key, node in tree[1] if tree[0] in ("D", "O") else []:
+        if key == "files" and isinstance(node, list) and node[0] in ("D", "O"):
+            return {k for k, _ in node[1]}
+    return set()
 
 
 def _remove_dir(path: str) -> None:

@@ -523,12 +523,15 @@ class DeltaCheckpointIO(_CheckpointIO):
             with self._lock:
                 self._tombstones.clear()
                 self._saves_off_main = False
+            closed = False
             with self._open_lock:
                 if self._store_path is not None and self._store is not None:
                     self._store.close()
                     self._store = None
-                    with self._lock:
-                        self._paths = None
+                    closed = True
+            if closed:  # not under _open_lock: _mapping takes _lock, then _open_lock
+                with self._lock:
+                    self._paths = None
 
     def __repr__(self) -> str:
         return f"<deltackpt.lightning.DeltaCheckpointIO {self._where()!r} async={self.async_save}>"
@@ -580,12 +583,10 @@ def _load_step(store: Store, step: int, target: str, map_location: Any,
         raise StepNotFoundError(f"{target}: the placeholder points to step {step} of "
                                 f"{store.location}, which is not committed (deleted, or the "
                                 "save did not finish)")
-    note = _note(store.info(step).note)
     want = placeholder.get("save_id")
-    # placeholders before save ids: the step must at least have been saved for this file
-    same = (note.get("save_id") == want if want is not None else
-            os.path.basename(str(note.get("lightning_path", ""))) == os.path.basename(target))
-    if not same:
+    # a placeholder written before save ids is trusted as before: it may be read through
+    # last.ckpt (a link or a copy), so its own name need not be the step's file name
+    if want is not None and _note(store.info(step).note).get("save_id") != want:
         raise CheckpointNotFoundError(
             f"{target}: the placeholder points to step {step} of {store.location}, which "
             "now holds another save (the store was recreated, or that step deleted and its "

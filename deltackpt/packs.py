@@ -16,7 +16,6 @@ A manifest is the durable, index-independent record of one committed step:
 from __future__ import annotations
 
 import json
-import re
 import struct
 import uuid
 import zlib
@@ -214,9 +213,6 @@ def encode_manifest(payload: dict) -> bytes:
     return MANIFEST_MAGIC + _CRC.pack(zlib.crc32(body)) + body
 
 
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
-
-
 def decode_manifest(data: bytes, where: str = "manifest") -> dict:
     if len(data) < 8 or data[:4] != MANIFEST_MAGIC:
         raise CorruptionError(f"{where}: not a deltackpt manifest")
@@ -228,12 +224,8 @@ def decode_manifest(data: bytes, where: str = "manifest") -> dict:
         size = zstandard.frame_content_size(body)
         if size < 0 or size > MAX_MANIFEST_BYTES:
             raise CorruptionError(f"{where}: manifest claims {size} bytes")
-        text = zstandard.ZstdDecompressor().decompress(body, max_output_size=size)
-        payload = json.loads(text)
-        if _SURROGATE_ESCAPE.search(text):
-            # a pair is a character beyond the BMP; a lone half decodes to a str that
-            # SQLite and UTF-8 refuse, so the manifest is as good as undecodable
-            json.dumps(payload, ensure_ascii=False).encode("utf-8")
+        payload = json.loads(zstandard.ZstdDecompressor().decompress(body,
+                                                                    max_output_size=size))
     except (zstandard.ZstdError, ValueError) as exc:
         raise CorruptionError(f"{where}: manifest does not decode: {exc}") from None
     if not isinstance(payload, dict):

@@ -198,7 +198,10 @@ def rebuild_into(idx: Index, backend: Backend, result: ReindexResult, *,
             need = set()
             for e in entries:
                 need.update(unpack_ids(bytes.fromhex(e["blocks"])))
-        except (KeyError, TypeError, ValueError) as exc:
+                e["path"].encode("utf-8")  # the index stores paths as text: a lone
+            if m.get("note") is not None:  # surrogate (a crafted manifest) cannot go in
+                m["note"].encode("utf-8")
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             result.problems.append(f"{name}: malformed manifest ({exc})")
             continue
         if step in taken:

@@ -651,3 +651,60 @@ def test_rank_local_metadata_mode_and_missing_step_refused(store_path):
     _save(store_path, _state(9), 1)
     with pytest.raises(StepNotFoundError):
         load_full(store_path, 2)
+
+
+def test_the_writer_lock_stays_while_another_save_through_the_writer_is_in_flight(store_path):
+    """Found in review: the first of two overlapping saves gave the lock back at its commit
+    while the other save's packs were written but not committed; another writer's gc then
+    deleted them."""
+    import threading
+
+    from deltackpt.errors import StoreLockedError
+
+    second_reset, proceed = threading.Event(), threading.Event()
+
+    class Held(StorageWriter):
+        def reset(self, checkpoint_id=None):
+            super().reset(checkpoint_id)
+            if checkpoint_id is not None and int(str(checkpoint_id)) == 30:
+                second_reset.set()
+
+        def write_data(self, plan, planner):
+            if plan.storage_data["step"] == 20:
+                assert second_reset.wait(30) and proceed.wait(30)
+            return super().write_data(plan, planner)
+
+    w = Held(store_path, threads=1, block_size=4096)
+    dcp.save({"w": torch.zeros(300, 257)}, storage_writer=w, checkpoint_id=10, no_dist=True)
+    f20 = dcp.async_save({"w": torch.ones(300, 257)}, storage_writer=w, checkpoint_id=20,
+                         no_dist=True)
+    f30 = dcp.async_save({"w": torch.full((300, 257), 3.0)}, storage_writer=w,
+                         checkpoint_id=30, no_dist=True)
+    f30.result(timeout=60)  # committed while step 20 is still being written
+    with pytest.raises(StoreLockedError), deltackpt.open(store_path) as other:
+        other.gc()
+    proceed.set()
+    f20.result(timeout=60)
+    with deltackpt.open(store_path) as other:  # both committed: the lock is free again
+        assert other.steps() == [10, 20, 30] and other.verify().ok
+
+
+def test_a_refused_save_does_not_keep_the_lock_and_a_writer_follows_its_step(store_path):
+    _save(store_path, _state(1), 1)
+    with pytest.raises(CheckpointException) as err:  # a writer per save, never closed
+        dcp.save(_state(1), storage_writer=StorageWriter(store_path, step=1, threads=1),
+                 no_dist=True)
+    assert isinstance(_cause(err.value), StepExistsError)
+    w = StorageWriter(store_path, step=2, threads=1)
+    dcp.save(_state(2), storage_writer=w, no_dist=True)  # no checkpoint_id: no reset()
+    w.step = 3                                           # the step for the next save
+    dcp.save(_state(3), storage_writer=w, no_dist=True)
+    w.close()
+    reader = StorageReader(store_path)
+    reader.step = 2
+    target = {"model": {"w": torch.zeros(300, 257)}}
+    dcp.load(target, storage_reader=reader, no_dist=True)
+    assert torch.equal(target["model"]["w"], _state(2)["model"]["w"])
+    reader.close()
+    with deltackpt.open(store_path) as s:
+        assert s.steps() == [1, 2, 3]

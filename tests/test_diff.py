@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import assert_state_equal, det_floats
+from helpers import assert_state_equal, det_floats, det_tensor
 from safetensors.torch import load_file
 
 import deltackpt
@@ -231,3 +231,14 @@ def test_integer_differences_are_exact_beyond_float64(tmp_path, dtype):
     for e in d["entries"]:
         assert e["l2"] == pytest.approx(l2, rel=1e-12), e["path"]
         assert e["max_abs"] == max(abs(x) for x in exact)
+
+
+def test_packed_float4_entries_get_block_figures_only(tmp_path):
+    a = det_tensor(torch.uint8, (64,), 1).view(torch.float4_e2m1fn_x2)
+    b = det_tensor(torch.uint8, (64,), 2).view(torch.float4_e2m1fn_x2)
+    with deltackpt.open(str(tmp_path / "s"), block_size=4096) as s:
+        s.save({"q": a}, 1)
+        s.save({"q": b}, 2)
+        d = diff(s, 1, 2)
+    (row,) = d["entries"]
+    assert row["blocks_changed"] == 1 and row["l2"] is None and row["delta_bytes"] > 0

@@ -509,3 +509,14 @@ def test_no_best_checkpoint_directory_is_left_behind(tmp_path):
     cb.close()
     assert os.path.basename(t.state.best_model_checkpoint) == "checkpoint-18"
     assert checkpoint_dirs(str(tmp_path / "out")) == []
+
+
+def test_resume_leaves_a_complete_directory_alone(reference, tmp_path):
+    """Under torchrun every rank calls resume_checkpoint: a complete directory must not be
+    rewritten under the ranks reading it."""
+    out = tmp_path / "out"
+    first = resume_checkpoint(reference["store"], str(out))
+    inodes = {p: os.stat(os.path.join(first, p)).st_ino for p in os.listdir(first)}
+    again = resume_checkpoint(reference["store"], str(out))
+    assert again == first
+    assert {p: os.stat(os.path.join(first, p)).st_ino for p in os.listdir(first)} == inodes

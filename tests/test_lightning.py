@@ -402,3 +402,23 @@ def test_load_outside_a_trainer_and_foreign_files(reference, tmp_path):
                        reference["dicts"]["last.ckpt"])
     with pytest.raises(FileNotFoundError):
         load_checkpoint(str(tmp_path / "missing.ckpt"))
+
+
+def test_a_placeholder_from_before_save_ids_loads_through_last_ckpt(tmp_path):
+    """Review: the stale-placeholder check required an old placeholder's own file name to be
+    the step's, which a last.ckpt link or copy never is."""
+    store = str(tmp_path / "store")
+    path = str(tmp_path / "ck" / "epoch=0-step=10.ckpt")
+    io = DeltaCheckpointIO(store)
+    io.save_checkpoint({"global_step": 10, "w": torch.ones(3)}, path)
+    io.teardown()
+    with open(path) as f:
+        data = json.load(f)
+    del data["save_id"]  # as written before save ids
+    with open(path, "w") as f:
+        json.dump(data, f)
+    last = str(tmp_path / "ck" / "last.ckpt")
+    os.symlink(path, last)
+    assert load_checkpoint(last)["global_step"] == 10
+    shutil.copy(path, str(tmp_path / "ck" / "copy.ckpt"))
+    assert load_checkpoint(str(tmp_path / "ck" / "copy.ckpt"))["global_step"] == 10
