@@ -267,7 +267,8 @@ class StorageWriter(dcp_storage.StorageWriter):
         self._saves = threading.local()
         self._open_lock = threading.Lock()
         self._finalizer: weakref.finalize | None = None
-        self._in_flight = 0  # rank 0: saves planned and not yet committed
+        #: rank 0: id of each save planned and not yet committed -> the thread running it
+        self._in_flight: dict[int, threading.Thread] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         # DCP's process-based async_save pickles the writer into its daemon: the copy opens
@@ -284,25 +285,23 @@ class StorageWriter(dcp_storage.StorageWriter):
         self._init_runtime()
 
     def _save(self) -> SimpleNamespace:
-        """This save's state (step, parent, generation, save id), on this thread. DCP
-        calls reset() only when given a checkpoint_id: without one, a save starts from
-        ``self.step`` (which callers may set between saves) once the last one is done."""
+        """This save's state (step, parent, generation, save id), on this thread."""
         st = getattr(self._saves, "state", None)
-        if st is None or st.done or (not st.explicit and st.step != self.step):
-            st = self._saves.state = self._new_save(self.step, explicit=False)
+        if st is None:
+            st = self._saves.state = self._new_save(self.step)
         return st
 
     @staticmethod
-    def _new_save(step: int | None, explicit: bool) -> SimpleNamespace:
-        return SimpleNamespace(step=step, explicit=explicit, parent=None, generation=None,
-                               save_id=uuid.uuid4().hex, done=False, counted=False)
+    def _new_save(step: int | None, from_reset: bool = False) -> SimpleNamespace:
+        return SimpleNamespace(step=step, from_reset=from_reset, planned=False, parent=None,
+                               generation=None, save_id=uuid.uuid4().hex)
 
     # -- DCP protocol ---------------------------------------------------------------
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
         step = self.step if checkpoint_id is None else _parse_step(checkpoint_id)
         if checkpoint_id is not None:
             self.step = step  # what the last save asked for, as before (a public attribute)
-        self._saves.state = self._new_save(step, explicit=checkpoint_id is not None)
+        self._saves.state = self._new_save(step, from_reset=True)
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
@@ -333,7 +332,14 @@ class StorageWriter(dcp_storage.StorageWriter):
         self._rank = int(rank or 0)
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
-        if self._save().step is None:
+        # every save's first call on every rank. DCP calls reset() only when given a
+        # checkpoint_id: without one, a save starts here, from self.step (which callers may
+        # set between saves); a state a previous save left (done or failed) is not reused
+        st = getattr(self._saves, "state", None)
+        if st is None or st.planned or not st.from_reset:
+            st = self._saves.state = self._new_save(self.step)
+        st.planned = True
+        if st.step is None:
             raise DeltackptError("deltackpt.dcp.StorageWriter: no step given; pass step= or "
                                  "the step as dcp.save(..., checkpoint_id=STEP)")
         for item in plan.items:  # refuse what we cannot store before any rank writes
@@ -357,8 +363,13 @@ class StorageWriter(dcp_storage.StorageWriter):
             # and no other writer may commit this step meanwhile
             store._become_writer()
             with self._open_lock:
-                self._in_flight += 1  # given back when no save through this writer is
-                save.counted = True   # between planning and commit
+                # the lock goes back only when no save through this writer is between
+                # planning and commit; a save that failed on the way was on a thread that
+                # has ended, or that started another save since
+                me = threading.current_thread()
+                self._in_flight = {k: t for k, t in self._in_flight.items()
+                                   if t.is_alive() and t is not me}
+                self._in_flight[id(save)] = me
         if step in store:
             raise StepExistsError(f"{store.location}: step {step} already exists; delete it "
                                   "first or save under another step")
@@ -426,8 +437,6 @@ class StorageWriter(dcp_storage.StorageWriter):
             store._refresh_after_commit(plans, new_blocks, step)
             if remote:
                 store.record_rank_write(step, packs, new_blocks)
-        if not self._is_coordinator:
-            self._save().done = True  # this rank's part of the save ends here
         results = []
         claimed: set[bytes] = set()
         for item, p in zip(plan.items, plans):
@@ -508,11 +517,9 @@ class StorageWriter(dcp_storage.StorageWriter):
             metrics=self.metrics, tags=self.tags, note=self.note, generation=save.generation)
         self.metrics = self.tags = self.note = None  # they described this step only
         metadata.storage_data = {MetadataIndex(f, o): k for (f, o), k in keys.items()}
-        save.done = True
         with self._open_lock:
-            if save.counted:
-                self._in_flight -= 1
-            idle = self._in_flight == 0
+            self._in_flight.pop(id(save), None)
+            idle = not any(t.is_alive() for t in self._in_flight.values())
         if idle and not isinstance(self._target, Store) and not is_remote_url(self._target):
             # held from planning to this commit: between saves another process may write,
             # and a writer per save that is never closed does not lock the next one out.

@@ -583,7 +583,7 @@ def resume_checkpoint(store: Store | str | os.PathLike, output_dir: str | os.Pat
         # trainer_state.json still there): rewritten from the store unless it holds every
         # file the step does. A complete one is left alone: under torchrun every rank calls
         # this, and they must not rewrite a directory the others are reading
-        if not os.path.isdir(target) or _dir_files(target) != _stored_files(s, step):
+        if not os.path.isdir(target) or not _stored_files(s, step) <= _dir_files(target):
             materialize(s, step, target, overwrite=True)
         return target
     finally:

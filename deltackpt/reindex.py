@@ -198,9 +198,15 @@ def rebuild_into(idx: Index, backend: Backend, result: ReindexResult, *,
             need = set()
             for e in entries:
                 need.update(unpack_ids(bytes.fromhex(e["blocks"])))
-                e["path"].encode("utf-8")  # the index stores paths as text: a lone
-            if m.get("note") is not None:  # surrogate (a crafted manifest) cannot go in
+            # everything the rows will hold, checked now: a malformed manifest is skipped
+            # and reported, never an abort of the whole rebuild inside its transaction
+            entry_rows = _manifest_entry_rows(step, m)
+            for row in entry_rows:
+                for text in row[2:5]:  # path, kind, dtype: stored as text, so no lone
+                    text.encode("utf-8")  # surrogates (a crafted manifest)
+            if m.get("note") is not None:
                 m["note"].encode("utf-8")
+            tree_json = json.dumps(m["tree"], separators=(",", ":"))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             result.problems.append(f"{name}: malformed manifest ({exc})")
             continue
@@ -214,7 +220,7 @@ def rebuild_into(idx: Index, backend: Backend, result: ReindexResult, *,
             continue
         for bid in _with_bases(need, blocks, known):
             first_step.setdefault(bid, step)
-        steps.append((name, m, step, need))
+        steps.append((name, m, step, need, entry_rows, tree_json))
         taken.add(step)
         if name != manifest_name(step):
             # recovered (gc deletes manifests the index lacks), but a writer names a
@@ -242,7 +248,7 @@ def rebuild_into(idx: Index, backend: Backend, result: ReindexResult, *,
             rows.append((bid, pack_ids[pack], off, ln, raw, codec, base,
                          _depth(bid, blocks, depth_of), first_step[bid]))
         summaries.insert_blocks(conn, rows, ignore=True)
-        for name, m, step, need in steps:
+        for name, m, step, need, entry_rows, tree_json in steps:
             if step in present:  # another process sharing this cache added it meanwhile
                 continue
             # what the step's save wrote, as far as the files tell: the blocks its entries
@@ -250,17 +256,15 @@ def rebuild_into(idx: Index, backend: Backend, result: ReindexResult, *,
             # step, deleted since (its first_step names this step, but the bytes are not
             # this save's: stats show them apart, like any block of a deleted step)
             new = [b for b in need if first_step.get(b) == step]
-            _insert_manifest_step(conn, name, step, m,
-                                  json.dumps(m["tree"], separators=(",", ":")),
-                                  _manifest_entry_rows(step, m),
+            _insert_manifest_step(conn, name, step, m, tree_json, entry_rows,
                                   sum(blocks[b][2] for b in new), len(new))
             summaries.record(conn, [step])
             result.steps_recovered.append(step)
         # the keyframe clock goes on past the latest generation any ingested manifest records
         summaries.record_generations(conn, [(m.get("generation"), step)
-                                            for _n, m, step, _need in steps])
+                                            for _n, m, step, *_ in steps])
         if manifest_etags is not None:
-            record_manifest_etags(conn, {n: manifest_etags.get(n) for n, _m, _s, _need in steps})
+            record_manifest_etags(conn, {n: manifest_etags.get(n) for n, *_ in steps})
 
 
 #: a remote store's cache index only: the ETag of each manifest as the cache took it in

@@ -425,3 +425,15 @@ def test_lone_surrogates_in_values_survive_reindex_and_gc_and_a_crafted_path_is_
     os.remove(os.path.join(path, "index.sqlite"))
     r = reindex(path)
     assert r.steps_recovered == [1] and any("malformed" in p for p in r.problems)
+    # other fields the index stores as text, and a manifest without a tree: skipped too,
+    # never an abort of the whole rebuild
+    for entry in ({"idx": 0, "path": "a", "kind": "tensor\udc80", "dtype": "float32",
+                   "shape": [0], "nbytes": 0, "block_size": 0, "blocks": ""},):
+        for payload in ({"tree": ["D", []], "entries": [entry]}, {"entries": []}):
+            crafted = encode_manifest({"manifest_version": 1, "step": 2, **payload})
+            with open(os.path.join(path, "manifests", "00000000000000000002.manifest"),
+                      "wb") as f:
+                f.write(crafted)
+            os.remove(os.path.join(path, "index.sqlite"))
+            r = reindex(path)
+            assert r.steps_recovered == [1] and any("malformed" in p for p in r.problems)

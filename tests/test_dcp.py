@@ -708,3 +708,52 @@ def test_a_refused_save_does_not_keep_the_lock_and_a_writer_follows_its_step(sto
     reader.close()
     with deltackpt.open(store_path) as s:
         assert s.steps() == [1, 2, 3]
+
+
+@pytest.mark.parametrize("phase", ["write_data", "finish"])
+def test_a_running_save_keeps_its_step_when_the_caller_moves_writer_step_on(store_path,
+                                                                           phase):
+    """Review: without a checkpoint_id, a save switched to a fresh per-save state when the
+    caller set writer.step for its next save mid-save: committed under the new number,
+    without its parent, and the lock never came back."""
+    import threading
+
+    go, reached = threading.Event(), threading.Event()
+
+    class Paused(StorageWriter):
+        pause = False
+
+        def write_data(self, plan, planner):
+            if self.pause and phase == "write_data":
+                reached.set()
+                assert go.wait(30)
+            return super().write_data(plan, planner)
+
+        def finish(self, metadata, results):
+            if self.pause and phase == "finish":
+                reached.set()
+                assert go.wait(30)
+            return super().finish(metadata, results)
+
+    w = Paused(store_path, step=100, threads=1)
+    dcp.save({"w": torch.zeros(64)}, storage_writer=w, no_dist=True)
+    w.pause, w.step = True, 200
+    f = dcp.async_save({"w": torch.ones(64)}, storage_writer=w, no_dist=True)
+    assert reached.wait(30)
+    w.step = 300  # the training loop moves on
+    go.set()
+    f.result(timeout=60)
+    assert not w._in_flight and not w._store._lock.held
+    w.close()
+    with deltackpt.open(store_path) as s:
+        assert s.steps() == [100, 200] and s.info(200).parent == 100
+
+
+def test_a_save_refused_after_planning_does_not_keep_the_lock(store_path):
+    w = StorageWriter(store_path, threads=1)
+    with pytest.raises(CheckpointException):  # refused in prepare_global_plan, after the lock
+        dcp.save({META_KEY: torch.ones(2)}, storage_writer=w, checkpoint_id=1, no_dist=True)
+    dcp.save({"w": torch.ones(2)}, storage_writer=w, checkpoint_id=2, no_dist=True)
+    with deltackpt.open(store_path) as other:  # the lock came back after the good save
+        other.save({"x": torch.zeros(1)}, 3)
+    w.close()

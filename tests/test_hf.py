@@ -520,3 +520,7 @@ def test_resume_leaves_a_complete_directory_alone(reference, tmp_path):
     again = resume_checkpoint(reference["store"], str(out))
     assert again == first
     assert {p: os.stat(os.path.join(first, p)).st_ino for p in os.listdir(first)} == inodes
+    extra = os.path.join(first, "rng_state_1.pth")  # another rank's file, say
+    with open(extra, "wb") as f:
+        f.write(b"x")
+    assert resume_checkpoint(reference["store"], str(out)) == first and os.path.exists(extra)
