@@ -355,9 +355,7 @@ class StorageWriter(dcp_storage.StorageWriter):
         save = self._save()
         step = save.step
         assert step is not None
-        if step in store:  # before taking the lock: a refused save must not keep it
-            raise StepExistsError(f"{store.location}: step {step} already exists; delete it "
-                                  "first or save under another step")
+        _refuse_existing(store, step)  # before taking the lock: a refused save must not keep it
         with store._mutex:
             # held until the commit: no gc may delete the packs ranks are about to write,
             # and no other writer may commit this step meanwhile
@@ -370,9 +368,7 @@ class StorageWriter(dcp_storage.StorageWriter):
                 self._in_flight = {k: t for k, t in self._in_flight.items()
                                    if t.is_alive() and t is not me}
                 self._in_flight[id(save)] = me
-        if step in store:
-            raise StepExistsError(f"{store.location}: step {step} already exists; delete it "
-                                  "first or save under another step")
+        _refuse_existing(store, step)  # again: another writer may have taken it meanwhile
         save.parent = store._parent_of(step)
         seen: dict[str, str] = {}
         for plan in plans:
@@ -582,6 +578,12 @@ class StorageWriter(dcp_storage.StorageWriter):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _refuse_existing(store: Store, step: int) -> None:
+    if step in store:
+        raise StepExistsError(f"{store.location}: step {step} already exists; delete it "
+                              "first or save under another step")
 
 
 # -- load ---------------------------------------------------------------------------

@@ -89,6 +89,20 @@ def check_text(text: str, what: str) -> None:
             "deltackpt stores keys as UTF-8") from None
 
 
+def check_key(key: Any, path: str) -> Any:
+    """``key`` when a state may use it as a dict key (str or int, valid Unicode), else
+    UnsupportedValueError naming ``path`` (flatten and the async snapshot alike)."""
+    if type(key) is int:
+        return key
+    if type(key) is str:
+        check_text(key, f"dict key {key!r} at '{path or '/'}'")
+        return key
+    raise UnsupportedValueError(
+        f"dict key {key!r} of type {_type_name(key)} at '{path or '/'}' is not "
+        "supported: keys must be str or int"
+    )
+
+
 def unsupported(path: str, value: Any, why: str = "") -> UnsupportedValueError:
     """The UnsupportedValueError for ``value`` at ``path`` (used by flatten and snapshot)."""
     where = f"'{path}'" if path else "the top level"
@@ -136,17 +150,6 @@ class _Flattener:
         self.leaves.append(leaf)
         return leaf.index
 
-    def key(self, key: Any, path: str) -> Any:
-        if type(key) is int:
-            return key
-        if type(key) is str:
-            check_text(key, f"dict key {key!r} at '{path or '/'}'")
-            return key
-        raise UnsupportedValueError(
-            f"dict key {key!r} of type {_type_name(key)} at '{path or '/'}' is not "
-            "supported: keys must be str or int"
-        )
-
     def walk(self, value: Any, path: str, depth: int = 0) -> Any:
         if depth > 200:
             raise UnsupportedValueError(f"state nested deeper than 200 levels at '{path}'")
@@ -165,7 +168,7 @@ class _Flattener:
         if t is dict or t is collections.OrderedDict or t is collections.Counter:
             pairs = []
             for k, v in value.items():
-                k = self.key(k, path)
+                k = check_key(k, path)
                 pairs.append([k, self.walk(v, join_path(path, k), depth + 1)])
             if t is dict:
                 return ["D", pairs]

@@ -511,9 +511,7 @@ def _refuse_overlap(store: Store, out_dir: str | os.PathLike) -> None:
     """Refuse an output directory that is, holds or sits inside the store's local files
     (its root, or a remote store's cache): replacing it would delete them."""
     out = os.path.realpath(os.fspath(out_dir))
-    for name in ("root", "cache_dir"):
-        base = getattr(store.backend, name, None) if name == "root" else getattr(
-            store, name, None)
+    for base in (getattr(store.backend, "root", None), getattr(store, "cache_dir", None)):
         if not isinstance(base, str):
             continue
         base = os.path.realpath(base)

@@ -20,7 +20,7 @@ from . import summaries
 from .backend import PARTIAL_SUFFIX, Backend, LocalBackend, fsync_path
 from .delta import MAX_CHAIN_HOPS
 from .errors import CorruptionError, FormatVersionError, InvalidStoreError
-from .hashing import ID_SIZE, unpack_ids
+from .hashing import unpack_ids
 from .index import Index, chunked
 from .lock import WriterLock
 from .packs import MANIFEST_PREFIX, PACK_PREFIX, decode_manifest, manifest_name, scan_pack
@@ -302,17 +302,12 @@ def _insert_manifest_step(conn: Any, name: str, step: int, m: dict[str, Any], tr
                           rows: list[tuple], written: int, new_chunks: int) -> None:
     """The ``steps`` row and ``entries`` ``rows`` of ``step`` as manifest ``name`` (decoded:
     ``m``) records it; ``written``/``new_chunks``: the bytes and count of its new blocks."""
-    conn.execute(
-        "INSERT INTO steps(step, created_at, metrics, tags, note, tree, logical_bytes, "
-        "written_bytes, new_chunks, total_chunks, parent, manifest) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (step, float(m.get("created_at", 0.0)),
-         json.dumps(m.get("metrics", {}), allow_nan=True), json.dumps(m.get("tags", [])),
-         m.get("note"), tree_json, sum(r[6] for r in rows), written, new_chunks,
-         sum(len(r[8]) // ID_SIZE for r in rows), m.get("parent"), name))
-    conn.executemany(
-        "INSERT INTO entries(step, idx, path, kind, dtype, shape, nbytes, block_size, "
-        "blocks) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+    summaries.insert_step(
+        conn, step, created_at=float(m.get("created_at", 0.0)),
+        metrics_json=json.dumps(m.get("metrics", {}), allow_nan=True),
+        tags_json=json.dumps(m.get("tags", [])), note=m.get("note"), tree_json=tree_json,
+        written=written, new_chunks=new_chunks, parent=m.get("parent"), manifest=name,
+        entry_rows=rows)
 
 
 #: ``meta`` key of a cache index that :func:`ingest_partial` filled: some of its steps'

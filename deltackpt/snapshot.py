@@ -49,7 +49,8 @@ import numpy as np
 from ._torch import torch
 from .dtypes import numpy_dtype_name
 from .errors import UnsupportedValueError
-from .flatten import check_tensor, check_text, join_path, unsupported
+from .flatten import check_key, check_tensor, join_path, unsupported
+from .tensors import copy_bits
 
 _PLAIN = (type(None), bool, int, float, str, bytes)
 
@@ -133,12 +134,7 @@ class HostSnapshot:
         if t is dict or t is collections.OrderedDict or t is collections.Counter:
             out = t()
             for k, v in value.items():
-                if type(k) is not str and type(k) is not int:
-                    raise UnsupportedValueError(
-                        f"dict key {k!r} of type {type(k).__name__} at '{path or '/'}' is "
-                        "not supported: keys must be str or int")
-                if type(k) is str:
-                    check_text(k, f"dict key {k!r} at '{path or '/'}'")
+                k = check_key(k, path)  # before join_path, which assumes a valid key
                 out[k] = self._walk(v, join_path(path, k), depth + 1)
             meta = getattr(value, "_metadata", None) if t is collections.OrderedDict else None
             if meta is not None:
@@ -194,11 +190,8 @@ class HostSnapshot:
         elif is_cuda:
             dst.copy_(data, non_blocking=True)
             self._sync_devices.add(data.device)
-        elif data.element_size() == 1 and not data.is_conj() and not data.is_neg():
-            # bytes as bytes: also float4_e2m1fn_x2, which has no copy kernel
-            dst.view(torch.uint8).copy_(data.view(torch.uint8))
         else:
-            dst.copy_(data)
+            copy_bits(dst, data)
         if key is not None:
             self._aliases[key] = dst
         return _as_type(dst, src)

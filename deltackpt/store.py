@@ -435,7 +435,7 @@ class Store:
                     [(step, p.leaf.index, p.leaf.path, p.leaf.kind, p.leaf.dtype,
                       json.dumps(list(p.leaf.shape)), p.data.nbytes,
                       p.spans[0][1] if p.spans else 0, b"".join(p.ids)) for p in plans],
-                    logical, written, total, parent, generation)
+                    written, parent, generation)
                 crash_point("save:before-commit")
             crash_point("save:after-commit")
             self._refresh_after_commit(plans, new_blocks, step)
@@ -1414,16 +1414,15 @@ class Store:
             with self._index.write() as conn:
                 self._commit_step_rows(
                     conn, step, manifest, created, (metrics_json, tags_list, note, tree_json),
-                    list(sizes.items()), blocks, rows, logical, written, total, parent,
-                    generation)
+                    list(sizes.items()), blocks, rows, written, parent, generation)
             return SaveResult(step, logical, written, len(blocks), total,
                               time.perf_counter() - t0)
 
     def _commit_step_rows(self, conn: Any, step: int, manifest: str, created: float,
                           record: tuple[str, list[str], str | None, str],
                           packs: Sequence[tuple[str, int]], blocks: dict[bytes, tuple],
-                          entry_rows: list[tuple], logical: int, written: int, total: int,
-                          parent: int | None, generation: int | None) -> None:
+                          entry_rows: list[tuple], written: int, parent: int | None,
+                          generation: int | None) -> None:
         """In the commit's index transaction: the rows of ``step``, whose manifest was just
         written (``record``: metrics JSON, tags, note, tree JSON; ``blocks``: the new ones,
         id -> (pack, offset, length, raw_len, codec, base, depth), in ``packs``)."""
@@ -1441,15 +1440,10 @@ class Store:
         summaries.insert_blocks(
             conn, [(bid, pack_ids[pk], off, ln, raw, cd, base, depth, step)
                    for bid, (pk, off, ln, raw, cd, base, depth) in blocks.items()])
-        conn.execute(
-            "INSERT INTO steps(step, created_at, metrics, tags, note, tree, logical_bytes, "
-            "written_bytes, new_chunks, total_chunks, parent, manifest) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (step, created, metrics_json, json.dumps(tags_list), note, tree_json, logical,
-             written, len(blocks), total, parent, manifest))
-        conn.executemany(
-            "INSERT INTO entries(step, idx, path, kind, dtype, shape, nbytes, block_size, "
-            "blocks) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", entry_rows)
+        summaries.insert_step(
+            conn, step, created_at=created, metrics_json=metrics_json,
+            tags_json=json.dumps(tags_list), note=note, tree_json=tree_json, written=written,
+            new_chunks=len(blocks), parent=parent, manifest=manifest, entry_rows=entry_rows)
         summaries.record(conn, [step])
         summaries.advance_delta_generation(conn, generation, step)
 
@@ -2114,10 +2108,8 @@ def open_store(
     if getattr(path, "is_s3", None) is not None or (
             isinstance(path, str) and re.match(r"[a-z][a-z0-9+.-]*://", path, re.IGNORECASE)
             and not path.lower().startswith("memory://")):
-        from .remote import normalize_url, open_remote
+        from .remote import open_remote
 
-        if isinstance(path, str):
-            path = normalize_url(path)  # URL schemes ignore case: S3:// is s3://
         return open_remote(path, block_size=block_size, hash=hash, level=level, delta=delta,
                            fsync=fsync, threads=threads, lock_timeout=lock_timeout,
                            create=create, base_cache_bytes=base_cache_bytes, **remote)

@@ -135,6 +135,25 @@ def next_seq(conn: sqlite3.Connection) -> int:
     return (top or 0) + 1
 
 
+def insert_step(conn: sqlite3.Connection, step: int, *, created_at: float, metrics_json: str,
+                tags_json: str, note: str | None, tree_json: str, written: int,
+                new_chunks: int, parent: int | None, manifest: str,
+                entry_rows: Sequence[tuple]) -> None:
+    """Insert the ``steps`` row of ``step`` and its ``entries`` rows ``(step, idx, path,
+    kind, dtype, shape, nbytes, block_size, blocks)``; the logical size and the block count
+    are the entries'. ``written``/``new_chunks``: the bytes and count of its new blocks."""
+    conn.execute(
+        "INSERT INTO steps(step, created_at, metrics, tags, note, tree, logical_bytes, "
+        "written_bytes, new_chunks, total_chunks, parent, manifest) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (step, created_at, metrics_json, tags_json, note, tree_json,
+         sum(r[6] for r in entry_rows), written, new_chunks,
+         sum(len(r[8]) // ID_SIZE for r in entry_rows), parent, manifest))
+    conn.executemany(
+        "INSERT INTO entries(step, idx, path, kind, dtype, shape, nbytes, block_size, "
+        "blocks) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", entry_rows)
+
+
 def insert_blocks(conn: sqlite3.Connection, rows: Sequence[tuple], ignore: bool = False) -> None:
     """Insert block rows ``(id, pack_id, offset, length, raw_len, codec, base, depth,
     first_step)``, numbering them with fresh ``seq`` values in order."""

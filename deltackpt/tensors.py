@@ -46,11 +46,29 @@ def contiguous(t: torch.Tensor) -> torch.Tensor:
     try:
         return t.contiguous()
     except (NotImplementedError, RuntimeError):
-        same = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}.get(
-            t.element_size())
-        if same is None:
+        ints = _same_size_ints(t)
+        if ints is None:
             raise
-        return t.view(same).contiguous().view(t.dtype)
+        return ints.contiguous().view(t.dtype)
+
+
+def copy_bits(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst.copy_(src)`` for tensors of one dtype, also for dtypes without a copy kernel
+    (see :func:`contiguous`)."""
+    try:
+        dst.copy_(src)
+    except (NotImplementedError, RuntimeError):
+        ints = _same_size_ints(src)
+        if ints is None:
+            raise
+        _same_size_ints(dst).copy_(ints)
+
+
+def _same_size_ints(t: torch.Tensor) -> torch.Tensor | None:
+    """``t`` viewed as integers of its element size (None for sizes without one)."""
+    same = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}.get(
+        t.element_size())
+    return None if same is None else t.view(same)
 
 
 def empty_output(kind: str, dtype: str, shape: tuple[int, ...], pin_memory: bool = False,

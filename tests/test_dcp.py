@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import socket
+import threading
 import warnings
 
 import pytest
@@ -300,16 +301,12 @@ def test_metadata_is_json_not_pickle(store_path):
     assert meta.storage_data[next(iter(meta.storage_data))] == "model.w"
 
 
-def test_overlapping_async_saves_through_one_writer_keep_their_own_steps(store_path):
-    """Found in review: DCP runs each async_save on a thread of its own, and the writer kept
-    one step for all of them: a second save's reset() relabelled the first one (a step
-    holding another step's tensors). The first save's write now waits until the second
-    has reset, which used to break it every time."""
-    import threading
-
+def _step20_writes_after_step30_resets(store_path, *also: threading.Event) -> StorageWriter:
+    """A writer whose save of step 20 writes only once a save of step 30 has reset (and each
+    of ``also`` is set): two overlapping saves, interleaved the same way every time."""
     second_reset = threading.Event()
 
-    class Racing(StorageWriter):
+    class Overlapping(StorageWriter):
         def reset(self, checkpoint_id=None):
             super().reset(checkpoint_id)
             if checkpoint_id is not None and int(str(checkpoint_id)) == 30:
@@ -317,11 +314,19 @@ def test_overlapping_async_saves_through_one_writer_keep_their_own_steps(store_p
 
         def write_data(self, plan, planner):
             if plan.storage_data["step"] == 20:
-                assert second_reset.wait(30)
+                assert second_reset.wait(30) and all(e.wait(30) for e in also)
             return super().write_data(plan, planner)
 
+    return Overlapping(store_path, threads=1, block_size=4096)
+
+
+def test_overlapping_async_saves_through_one_writer_keep_their_own_steps(store_path):
+    """Found in review: DCP runs each async_save on a thread of its own, and the writer kept
+    one step for all of them: a second save's reset() relabelled the first one (a step
+    holding another step's tensors). The first save's write now waits until the second
+    has reset, which used to break it every time."""
     states = {s: {"w": torch.full((300, 257), float(s))} for s in (10, 20, 30)}
-    w = Racing(store_path, threads=1, block_size=4096)
+    w = _step20_writes_after_step30_resets(store_path)
     try:
         dcp.save(states[10], storage_writer=w, checkpoint_id=10, no_dist=True)
         f20 = dcp.async_save(states[20], storage_writer=w, checkpoint_id=20, no_dist=True)
@@ -657,24 +662,10 @@ def test_the_writer_lock_stays_while_another_save_through_the_writer_is_in_fligh
     """Found in review: the first of two overlapping saves gave the lock back at its commit
     while the other save's packs were written but not committed; another writer's gc then
     deleted them."""
-    import threading
-
     from deltackpt.errors import StoreLockedError
 
-    second_reset, proceed = threading.Event(), threading.Event()
-
-    class Held(StorageWriter):
-        def reset(self, checkpoint_id=None):
-            super().reset(checkpoint_id)
-            if checkpoint_id is not None and int(str(checkpoint_id)) == 30:
-                second_reset.set()
-
-        def write_data(self, plan, planner):
-            if plan.storage_data["step"] == 20:
-                assert second_reset.wait(30) and proceed.wait(30)
-            return super().write_data(plan, planner)
-
-    w = Held(store_path, threads=1, block_size=4096)
+    proceed = threading.Event()
+    w = _step20_writes_after_step30_resets(store_path, proceed)
     dcp.save({"w": torch.zeros(300, 257)}, storage_writer=w, checkpoint_id=10, no_dist=True)
     f20 = dcp.async_save({"w": torch.ones(300, 257)}, storage_writer=w, checkpoint_id=20,
                          no_dist=True)
@@ -716,8 +707,6 @@ def test_a_running_save_keeps_its_step_when_the_caller_moves_writer_step_on(stor
     """Review: without a checkpoint_id, a save switched to a fresh per-save state when the
     caller set writer.step for its next save mid-save: committed under the new number,
     without its parent, and the lock never came back."""
-    import threading
-
     go, reached = threading.Event(), threading.Event()
 
     class Paused(StorageWriter):
