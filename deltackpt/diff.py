@@ -96,21 +96,15 @@ def _numeric(kind: str, dtype: str) -> Callable[[np.ndarray], torch.Tensor] | No
 
 def _int_view(kind: str, dtype: str) -> np.dtype | None:
     """The numpy dtype of an integer entry (torch or numpy), None for other entries."""
-    if kind in ("tensor", "parameter"):
-        try:
-            dt = torch_dtype(dtype)
-        except KeyError:
+    if kind not in ("tensor", "parameter", "ndarray"):
+        return None
+    try:
+        if dtype_info(kind, dtype).family != "int":
             return None
-        if dt.is_floating_point or dt.is_complex or dt == torch.bool:
-            return None
-        return np.dtype(torch.empty(0, dtype=dt).numpy().dtype).newbyteorder("<")
-    if kind == "ndarray":
-        try:
-            nd = numpy_dtype(dtype)
-        except KeyError:
-            return None
-        return nd if nd.kind in "iu" else None
-    return None
+    except KeyError:
+        return None
+    # torch's integer dtype names are numpy's, and torch entries are little-endian
+    return numpy_dtype(dtype) if kind == "ndarray" else np.dtype(dtype).newbyteorder("<")
 
 
 def _int_difference(nd: np.dtype, buf_a: np.ndarray, buf_b: np.ndarray) -> torch.Tensor:
