@@ -380,10 +380,13 @@ def decode_into(frame: bytes | memoryview, out: np.ndarray, info: FrameInfo | No
 
 
 def composes_grouped(info: FrameInfo, like: FrameInfo) -> bool:
-    """Whether ``info``'s streams can be XOR-ed into a grouped accumulator of ``like``'s
-    layout: a byte-grouped frame, XOR delta or none, of the same length, width and streams.
-    XOR works byte by byte, so grouping commutes with it (see :func:`xor_streams_into`)."""
-    return (info.transform == TRANSFORM_BYTEGROUP and info.delta in (DELTA_NONE, DELTA_XOR)
+    """Whether ``info``'s streams can be folded into a grouped accumulator of ``like``'s
+    layout: a byte-grouped frame whose delta is ``like``'s (XOR or SUB) or none, of the same
+    length, width and streams. XOR works byte by byte, so grouping commutes with it (see
+    :func:`xor_streams_into`); SUB is a sum of the planes' weighted bytes (see
+    :func:`add_streams_into`)."""
+    return (info.transform == TRANSFORM_BYTEGROUP and like.delta in (DELTA_XOR, DELTA_SUB)
+            and info.delta in (DELTA_NONE, like.delta)
             and info.raw_len == like.raw_len and info.width == like.width
             and len(info.streams) == len(like.streams) == info.width > 1)
 
@@ -403,3 +406,39 @@ def xor_streams_into(frame: bytes | memoryview, info: FrameInfo, acc: np.ndarray
             part[:] = src
         else:
             np.bitwise_xor(part, src, out=part)
+
+
+#: frames a SUB run may fold into 16-bit plane sums: 255 * 257 + carries stays below 2**16
+MAX_SUB_FOLD = 256
+
+
+def add_streams_into(frame: bytes | memoryview, info: FrameInfo, sums: np.ndarray,
+                     where: str = "block", assign: bool = False) -> None:
+    """Add a byte-grouped frame's decoded streams to the uint16 plane sums ``sums``
+    (stream ``k`` at ``sums[k*m:(k+1)*m]``), or overwrite them with ``assign``.
+
+    A SUB residual is the integer ``sum_k byte_k << 8k`` (mod ``2**(8*width)``), so the
+    sum of a run of SUB frames ending in a keyframe is ``sum_k S_k << 8k`` where ``S_k``
+    sums plane ``k`` over the run: adding planes costs a quarter of un-grouping each
+    hop (:func:`combine_sums` turns the sums into the block once)."""
+    mv, info = _checked_view(frame, info, where, sums.size)
+    m = info.raw_len // len(info.streams)
+    for k, src in _streams(mv, info, where):
+        part = sums[k * m:(k + 1) * m]
+        if assign:
+            np.copyto(part, src)
+        else:
+            np.add(part, src, out=part)
+
+
+def combine_sums(out: np.ndarray, sums: np.ndarray, width: int) -> None:
+    """Write ``sum_k sums[k] << 8k`` (wrapping at the element width) into the flat uint8
+    ``out``: the inverse of grouping for plane sums of :func:`add_streams_into`."""
+    ut = _UINT[width]
+    words = out.view(ut)
+    m = words.size
+    np.copyto(words, sums[:m], casting="unsafe")
+    tmp = np.empty(m, dtype=ut)
+    for k in range(1, width):
+        np.left_shift(sums[k * m:(k + 1) * m], 8 * k, out=tmp, dtype=ut)
+        np.add(words, tmp, out=words)

@@ -32,7 +32,7 @@ import numpy as np
 from . import codec as codec_mod
 from . import summaries
 from .backend import PARTIAL_SUFFIX, Backend, LocalBackend, MemoryBackend
-from .codec import CodecConfig, FrameInfo
+from .codec import DELTA_SUB, CodecConfig, FrameInfo
 from .delta import MAX_CHAIN_HOPS, DeltaConfig
 from .dtypes import dtype_info
 from .errors import (
@@ -976,7 +976,7 @@ class Store:
                     damaged.add(s)
         checkable = [b for b in users if b in locations]
         # every block hop by hop: verify names the damaged frame and checks each id
-        decoder = _Decoder(self, locations, checkable, fold_xor_runs=False)
+        decoder = _Decoder(self, locations, checkable, fold_runs=False)
 
         def check(bid: bytes) -> str | None:
             loc = locations[bid]
@@ -1703,14 +1703,14 @@ class _Decoder:
     """
 
     def __init__(self, store: Store, locations: dict[bytes, _Location], block_ids: list[bytes],
-                 keep_bases: bool = False, fold_xor_runs: bool = True) -> None:
+                 keep_bases: bool = False, fold_runs: bool = True) -> None:
         self.store = store
         self.locations = locations
         self._lock = threading.Lock()
         self._cache: dict[bytes, Future] = {}
         self._refs: dict[bytes, int] = {}
         self._keep = keep_bases
-        self._fold = fold_xor_runs and not keep_bases
+        self._fold = fold_runs and not keep_bases
         # A base is released after its last direct user is decoded: one use per block
         # to decode, plus one per distinct base that is itself a delta (each base is
         # decoded once, so its own base is used once however many blocks share it).
@@ -1765,7 +1765,7 @@ class _Decoder:
         frame, info, loc = self._frame(bid, where)
         if self._fold and info.base_id is not None and codec_mod.composes_grouped(info, info):
             try:
-                if self._decode_xor_run(bid, frame, info, out, where):
+                if self._decode_run(bid, frame, info, out, where):
                     return
             except CorruptionError:
                 pass  # decode hop by hop below: it names the damaged frame
@@ -1779,17 +1779,19 @@ class _Decoder:
             if info.base_id is not None:
                 self._release(info.base_id)
 
-    def _decode_xor_run(self, bid: bytes, frame: bytes, info: FrameInfo, out: np.ndarray,
-                        where: str) -> bool:
-        """Decode a chain of byte-grouped XOR frames in the grouped domain.
+    def _decode_run(self, bid: bytes, frame: bytes, info: FrameInfo, out: np.ndarray,
+                    where: str) -> bool:
+        """Decode a chain of byte-grouped XOR (or SUB) frames in the grouped domain.
 
         XOR works byte by byte, so it commutes with byte grouping: the XOR of the streams
         of every frame down the chain (ending in a grouped keyframe, or in a base decoded
-        the usual way) is the block, grouped. That costs one un-grouping and one hash for
-        the whole chain instead of one per hop (un-grouping is as costly as zstd here).
-        Only bases that no other block of this decoder needs are folded in (they are never
-        materialised); False when the direct base is needed elsewhere. A CorruptionError
-        means "decode hop by hop to find the damaged frame", not necessarily this one.
+        the usual way) is the block, grouped. SUB adds integers, so the planes are summed
+        (16-bit) and shifted into place once (codec.add_streams_into). Either costs one
+        un-grouping and one hash for the whole chain instead of one per hop (un-grouping
+        is as costly as zstd here). Only bases that no other block of this decoder needs
+        are folded in (they are never materialised); False when the direct base is needed
+        elsewhere. A CorruptionError means "decode hop by hop to find the damaged frame",
+        not necessarily this one.
         """
         base_id = info.base_id
         if out.nbytes != info.raw_len:
@@ -1800,15 +1802,22 @@ class _Decoder:
         n, width = info.raw_len, info.width
         m = n // width
         label = f"{self.store.location}: {where}, block {bid.hex()[:12]}"
-        acc = np.empty(n, dtype=np.uint8)
-        codec_mod.xor_streams_into(frame, info, acc, label, assign=True)
+        if info.delta == DELTA_SUB:
+            acc = np.empty(n, dtype=np.uint16)
+            # the first frame, the folded ones and a terminal base: MAX_SUB_FOLD at most
+            fold, limit = codec_mod.add_streams_into, min(MAX_CHAIN_HOPS,
+                                                          codec_mod.MAX_SUB_FOLD - 2)
+        else:
+            acc = np.empty(n, dtype=np.uint8)
+            fold, limit = codec_mod.xor_streams_into, MAX_CHAIN_HOPS
+        fold(frame, info, acc, label, assign=True)
         cur: bytes | None = base_id
         folded: list[bytes] = []
         terminal: bytes | None = None
-        while cur is not None and len(folded) <= MAX_CHAIN_HOPS:
+        while cur is not None:
             with self._lock:
                 shared = cur in self._cache or self._refs.get(cur, 0) > 1
-            if shared:
+            if shared or len(folded) >= limit:
                 terminal = cur
                 break
             hop_where = f"{where} (delta base)"
@@ -1816,8 +1825,7 @@ class _Decoder:
             if not codec_mod.composes_grouped(i2, info):
                 terminal = cur
                 break
-            codec_mod.xor_streams_into(f2, i2, acc, f"{self.store.location}: {hop_where}, "
-                                       f"block {cur.hex()[:12]}")
+            fold(f2, i2, acc, f"{self.store.location}: {hop_where}, block {cur.hex()[:12]}")
             folded.append(cur)
             cur = i2.base_id
         if terminal is not None:
@@ -1826,14 +1834,20 @@ class _Decoder:
                 if base.nbytes != n:
                     raise CorruptionError(f"{label}: delta base {terminal.hex()[:12]} holds "
                                           f"{base.nbytes} bytes, the block {n}")
-                # grouped, then one contiguous XOR: faster than XOR-ing strided lanes
-                # (1 MiB: 0.48 vs 0.56 ms at width 4, 0.49 vs 0.59 ms at width 8)
+                # grouped, then one contiguous XOR (or add): faster than working on
+                # strided lanes (1 MiB: 0.48 vs 0.56 ms at width 4, 0.49 vs 0.59 ms at 8)
                 grouped_base = np.empty(n, dtype=np.uint8)
                 codec_mod.group_into(grouped_base.reshape(width, m), base, width)
-                np.bitwise_xor(acc, grouped_base, out=acc)
+                if info.delta == DELTA_SUB:
+                    np.add(acc, grouped_base, out=acc)
+                else:
+                    np.bitwise_xor(acc, grouped_base, out=acc)
             finally:
                 self._release(terminal)
-        codec_mod.ungroup_into(out, [acc[k * m:(k + 1) * m] for k in range(width)], width)
+        if info.delta == DELTA_SUB:
+            codec_mod.combine_sums(out, acc, width)
+        else:
+            codec_mod.ungroup_into(out, [acc[k * m:(k + 1) * m] for k in range(width)], width)
         if block_id(out, self.store.config.hash) != bid:
             raise CorruptionError(f"{label}: decoded bytes do not match its block id")
         with self._lock:  # the folded bases had this block as their only user

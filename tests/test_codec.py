@@ -422,6 +422,42 @@ def test_group_and_ungroup_match_the_plain_byte_transpose(width, misaligned):
     assert np.array_equal(out, data)
 
 
+@pytest.mark.parametrize("width", [2, 4, 8])
+@pytest.mark.parametrize("hops", [1, 3, C.MAX_SUB_FOLD - 1])
+def test_a_run_of_sub_frames_folds_into_plane_sums(width, hops):
+    """Summing the decoded planes of a keyframe and ``hops`` SUB frames, then shifting the
+    sums into place, gives the block that decoding hop by hop gives, wrap-around and
+    carries included (values near 0 and 2**(8*width) that move by +-1 at every hop)."""
+    rng = np.random.default_rng(width * 1000 + hops)
+    n = width * 512
+    ut = {2: np.uint16, 4: np.uint32, 8: np.uint64}[width]
+    words = rng.integers(0, 2**63, n // width, dtype=np.uint64).astype(ut)
+    words[:4] = np.array([0, 1, -1, -2], dtype=np.int64).astype(ut)  # wrap both ways
+    blocks = [words.view(np.uint8).copy()]
+    for h in range(hops):
+        nxt = blocks[-1].view(ut).copy()
+        nxt[:: 3 + h % 5] += ut(1) if h % 2 else np.iinfo(ut).max  # +1 or -1, wrapping
+        nxt[1::7] ^= ut(rng.integers(0, 255))  # bigger moves, carries through the planes
+        blocks.append(nxt.view(np.uint8))
+    cfg = C.CodecConfig(level=1)
+    frames = [joined(C.encode(blocks[0], block_id(blocks[0]), width, cfg))]
+    for prev, cur in zip(blocks, blocks[1:]):
+        frames.append(joined(C.encode(cur, block_id(cur), width, cfg, base=prev,
+                                      base_id=block_id(prev), delta=C.DELTA_SUB)))
+    infos = [C.parse_header(f) for f in frames]
+    assert all(C.composes_grouped(i, infos[-1]) for i in infos)
+    assert not C.composes_grouped(infos[-1], C.parse_header(joined(C.encode(
+        blocks[1], block_id(blocks[1]), width, cfg, base=blocks[0],
+        base_id=block_id(blocks[0]), delta=C.DELTA_XOR))))  # modes do not mix
+    sums = np.empty(n, dtype=np.uint16)
+    C.add_streams_into(frames[-1], infos[-1], sums, assign=True)
+    for f, i in zip(frames[-2::-1], infos[-2::-1]):
+        C.add_streams_into(f, i, sums)
+    out = np.empty(n, dtype=np.uint8)
+    C.combine_sums(out, sums, width)
+    assert out.tobytes() == blocks[-1].tobytes()
+
+
 @pytest.mark.parametrize("declared", ["none", "huge"])
 def test_a_pack_index_body_that_hides_its_size_is_refused_without_allocating(declared):
     """A damaged or crafted pack index whose zstd body does not declare its size (or declares

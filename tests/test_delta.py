@@ -114,11 +114,11 @@ def test_deleting_a_keyframe_step_keeps_newer_deltas_alive(spec):
         assert store.verify().ok
 
 
-def _chain_store(path, steps: int = 6, fraction: float = 0.3) -> list[dict]:
+def _chain_store(path, steps: int = 6, fraction: float = 0.3, mode: str = "xor") -> list[dict]:
     t = _bits_tensor(3, 20000, "float32")
     states = []
     # aligned: every block of "w" sits at depth i at step i (staggered slots would cut some)
-    with deltackpt.open(path, delta="xor:chain:8:aligned", block_size=16384) as store:
+    with deltackpt.open(path, delta=f"{mode}:chain:8:aligned", block_size=16384) as store:
         for i in range(steps):
             states.append({"w": t, "h": _bits_tensor(50 + i, 3000, "bfloat16")})
             store.save(states[-1], step=i)
@@ -126,24 +126,31 @@ def _chain_store(path, steps: int = 6, fraction: float = 0.3) -> list[dict]:
     return states
 
 
-def test_xor_chains_are_folded_in_the_grouped_domain_bit_exact(tmp_path, monkeypatch):
-    """A load decodes a chain of byte-grouped XOR frames by XOR-ing their streams (one
-    un-grouping and one hash per block); the result is bit-exact for every step, and a
-    decoder holding two steps whose blocks share a chain decodes both exactly."""
+@pytest.mark.parametrize("mode,fold", [("xor", "xor_streams_into"),
+                                       ("sub", "add_streams_into")])
+def test_delta_chains_are_folded_in_the_grouped_domain_bit_exact(tmp_path, monkeypatch,
+                                                                  mode, fold):
+    """A load decodes a chain of byte-grouped XOR frames by XOR-ing their streams, and one
+    of SUB frames by summing them plane by plane (one un-grouping and one hash per block);
+    the result is bit-exact for every step, and a decoder holding two steps whose blocks
+    share a chain decodes both exactly."""
     from deltackpt import codec
     from deltackpt.store import _Decoder
 
     path = tmp_path / "s"
-    states = _chain_store(path)
-    folded = []
-    real = codec.xor_streams_into
-    monkeypatch.setattr(codec, "xor_streams_into",
-                        lambda *a, **k: (folded.append(1), real(*a, **k))[1])
+    states = _chain_store(path, mode=mode)
+    folded, hop_by_hop = [], []
+    real, real_decode = getattr(codec, fold), codec.decode_into
+    monkeypatch.setattr(codec, fold, lambda *a, **k: (folded.append(1), real(*a, **k))[1])
+    monkeypatch.setattr(codec, "decode_into",
+                        lambda *a, **k: (hop_by_hop.append(1), real_decode(*a, **k))[1])
     with deltackpt.open(path) as store:
         depth = store._index.query("SELECT MAX(depth) FROM blocks WHERE first_step=5")[0][0]
         assert depth == 5
         assert_state_equal(store.load(5), states[5])
         assert len(folded) >= 6 * 5  # the 5 blocks of "w": 6 frames each, folded
+        # ... and the fold was right: no block fell back to decoding hop by hop ("h" is one)
+        assert len(hop_by_hop) <= 2
         for i in range(5):
             assert_state_equal(store.load(i), states[i])
         rows = {s: store._index.query("SELECT blocks FROM entries WHERE step=? AND path='w'",
@@ -158,15 +165,31 @@ def test_xor_chains_are_folded_in_the_grouped_domain_bit_exact(tmp_path, monkeyp
                 out = np.empty(locations[bid].raw_len, dtype=np.uint8)
                 decoder.decode_to(bid, out, "test")
                 assert out.tobytes() == raw[k * 16384:(k + 1) * 16384].tobytes()
+        # steps 5 and 2 in one decoder: step 5's run folds 5, 4 and 3 and ends at step 2's
+        # block, decoded once and shared (a terminal base); step 2 then reuses it
+        ids[2] = [b[i:i + 16] for b in store._index.query(
+            "SELECT blocks FROM entries WHERE step=2 AND path='w'")[0] for i in range(0, len(b), 16)]
+        with store._index.read() as conn:
+            locations = store._locate(conn, ids[5] + ids[2])
+        decoder = _Decoder(store, locations, ids[5] + ids[2])
+        hop_by_hop.clear()
+        for s in (5, 2):
+            raw = states[s]["w"].view(torch.uint8).numpy().reshape(-1)
+            for k, bid in enumerate(ids[s]):
+                out = np.empty(locations[bid].raw_len, dtype=np.uint8)
+                decoder.decode_to(bid, out, "test")
+                assert out.tobytes() == raw[k * 16384:(k + 1) * 16384].tobytes()
+        assert len(hop_by_hop) <= len(ids[2])  # only step 2's blocks, on their cached bases
 
 
-def test_a_damaged_frame_inside_a_folded_chain_is_named(tmp_path):
+@pytest.mark.parametrize("mode", ["xor", "sub"])
+def test_a_damaged_frame_inside_a_folded_chain_is_named(tmp_path, mode):
     """The folded decode only checks the final block id: on a mismatch the hop-by-hop
     decode runs and names the damaged base; nothing wrong is ever returned."""
     from helpers import flip_byte
 
     path = tmp_path / "s"
-    _chain_store(path, fraction=1.0)  # every value moves: the low bytes' streams stay raw
+    _chain_store(path, fraction=1.0, mode=mode)  # every value moves: low bytes stay raw
     with deltackpt.open(path) as store:
         # a delta frame of step 2 (a base of the blocks of steps 3-5), in a raw stream
         bid, pack, off, length = store._index.query(
