@@ -663,7 +663,10 @@ def write_state(
 def subtree(state: Any, path: str) -> Any:
     """The value at ``path`` (escaped components joined by '/') inside a loaded state."""
     node = state
-    for part in path.strip("/").split("/"):
+    parts = path.lstrip("/").split("/")
+    for i, part in enumerate(parts):
+        if part == "" and i == len(parts) - 1 and not (isinstance(node, dict) and "" in node):
+            break  # a trailing '/' is a separator, unless it names an empty key (select_tree)
         if isinstance(node, dict):
             match = [k for k in node if escape_key(k) == part]
             if not match:

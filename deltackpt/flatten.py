@@ -18,7 +18,8 @@ Tree encoding (format version 1; see docs/format.md):
   ``["O", [[key, value], ..], metadata]`` OrderedDict (``metadata`` is the tree of
   a ``state_dict()``'s ``_metadata`` attribute or null); keys are str or int;
 - ``["E", index, attrs]`` the entry with that index (attrs: ``{}`` or e.g.
-  ``{"requires_grad": false, "device": "cuda:0"}``);
+  ``{"requires_grad": false, "device": "cuda:0"}``; ``"state"``: a ``D`` node of the
+  tensor's Python attributes, plain values only);
 - ``["S", [ints]]`` torch.Size, ``["dt", name]`` torch.dtype, ``["dev", str]``
   torch.device, ``["N", dtype.str, hex bytes]`` a numpy scalar.
 """
@@ -28,6 +29,7 @@ from __future__ import annotations
 import collections
 import math
 import struct
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,6 +95,12 @@ def check_key(key: Any, path: str) -> Any:
     """``key`` when a state may use it as a dict key (str or int, valid Unicode), else
     UnsupportedValueError naming ``path`` (flatten and the async snapshot alike)."""
     if type(key) is int:
+        try:
+            str(key)
+        except ValueError:  # Python's int/str limit (4300 digits): no JSON form for readers
+            raise UnsupportedValueError(
+                f"dict key at '{path or '/'}' is an int of more than "
+                f"{sys.get_int_max_str_digits()} digits; use a str key") from None
         return key
     if type(key) is str:
         check_text(key, f"dict key {key!r} at '{path or '/'}'")
@@ -132,13 +140,34 @@ def check_tensor(value: torch.Tensor, path: str) -> None:
         raise unsupported(path, value, "a meta tensor has no data")
 
 
+def attribute_names(value: Any, path: str, ignore: tuple[str, ...] = ()) -> list[str]:
+    """Names of the Python attributes set on a tensor or OrderedDict instance (its
+    ``__dict__``; ``torch.save`` keeps them), each checked: str, valid text, and not
+    shadowing what its type defines (a method, a property)."""
+    names = [n for n in getattr(value, "__dict__", {}) if n not in ignore]
+    for name in names:
+        if type(name) is not str:
+            raise unsupported(path, value, f"attribute name {name!r} is not a str")
+        check_text(name, f"attribute {name!r} at '{path or '/'}'")
+        if hasattr(type(value), name):
+            raise unsupported(path, value, f"its attribute {name!r} shadows "
+                              f"{_type_name(value)}.{name}")
+    return names
+
+
 class _Flattener:
     def __init__(self) -> None:
         self.leaves: list[Leaf] = []
         self.paths: set[str] = set()
+        #: set while walking a tensor's attributes, which hold plain values only
+        self._attributes_of: str | None = None
 
     def add_leaf(self, path: str, kind: str, dtype: str, shape: tuple[int, ...], value: Any,
                  device: str = "cpu") -> int:
+        if self._attributes_of is not None:
+            raise unsupported(path, value,
+                              "a tensor's attributes may hold plain values (numbers, str, "
+                              "containers of them), not tensors, arrays or bytes")
         if path in self.paths:
             raise UnsupportedValueError(
                 f"two values map to the same path '{path}' (an int key and a str key with "
@@ -173,6 +202,13 @@ class _Flattener:
             if t is dict:
                 return ["D", pairs]
             if t is collections.Counter:  # MultiStepLR's milestones
+                extra = attribute_names(value, path)
+            else:
+                extra = attribute_names(value, path, ignore=("_metadata",))
+            if extra:
+                raise unsupported(path, value, f"attribute {extra[0]!r} is not storable: "
+                                  "only an OrderedDict's _metadata is")
+            if t is collections.Counter:
                 return ["C", pairs]
             meta = getattr(value, "_metadata", None)
             meta_tree = None if meta is None else self.walk(meta, join_path(path, "@metadata"),
@@ -218,6 +254,14 @@ class _Flattener:
         device = str(value.device)
         if device != "cpu":
             attrs["device"] = device
+        names = attribute_names(value, path)
+        if names:  # e.g. transformers' _is_hf_initialized, torch.nn.Buffer's persistent
+            self._attributes_of = path
+            try:
+                attrs["state"] = ["D", [[n, self.walk(value.__dict__[n], f"{path}@{n}", 1)]
+                                        for n in names]]
+            finally:
+                self._attributes_of = None
         idx = self.add_leaf(path, kind, name, tuple(int(s) for s in value.shape), value, device)
         return ["E", idx, attrs]
 
@@ -320,6 +364,24 @@ def _build(node: Any, entries: dict[int, Any], depth: int) -> Any:
     raise _bad_tree(f"unknown tag {tag!r}")
 
 
+def restore_attributes(value: Any, attrs: dict[str, Any]) -> Any:
+    """Set the Python attributes an ``E`` node's ``attrs["state"]`` records on ``value``
+    (see :func:`attribute_names`); a state that names something its type defines, or
+    holds entries, is a malformed tree."""
+    node = attrs.get("state")
+    if node is None:
+        return value
+    if not (isinstance(node, list) and len(node) == 2 and node[0] == "D"
+            and isinstance(node[1], list)):
+        raise _bad_tree(f"bad attribute state {node!r:.80}")
+    state = _build(node, {}, 1)
+    for name in state:
+        if type(name) is not str or hasattr(type(value), name):
+            raise _bad_tree(f"attribute {name!r:.40} may not be set on {_type_name(value)}")
+    value.__dict__.update(state)
+    return value
+
+
 def entry_nodes(tree: Any) -> list[tuple[int, dict[str, Any]]]:
     """(index, attrs) of every entry referenced by ``tree``, in tree order."""
     out: list[tuple[int, dict[str, Any]]] = []
@@ -353,11 +415,19 @@ def select_tree(tree: Any, select: list[str]) -> Any:
     "optimizer/state" keeps ``{"optimizer": {"state": ...}}``. Paths that match
     nothing raise KeyError naming them.
     """
-    wanted = [p.strip("/").split("/") for p in select]
+    # the path of a value under an empty key ends in '/' ("a/" is a[""]); elsewhere a
+    # trailing '/' is only a separator ("optimizer/" selects optimizer)
+    wanted = [p.lstrip("/").split("/") for p in select]
     matched = [False] * len(wanted)
+
+    def has_empty_key(node: Any) -> bool:
+        return (isinstance(node, list) and len(node) > 1 and node[0] in ("D", "O", "C")
+                and any(isinstance(kv, list) and kv and kv[0] == "" for kv in node[1]))
 
     def walk(node: Any, prefixes: list[tuple[int, list[str]]]) -> Any:
         # prefixes: (select index, remaining components); empty remaining => whole node
+        if any(rest == [""] for _, rest in prefixes) and not has_empty_key(node):
+            prefixes = [(i, [] if rest == [""] else rest) for i, rest in prefixes]
         if any(not rest for _, rest in prefixes):
             for i, rest in prefixes:
                 if not rest:

@@ -49,7 +49,7 @@ import numpy as np
 from ._torch import torch
 from .dtypes import numpy_dtype_name
 from .errors import UnsupportedValueError
-from .flatten import check_key, check_tensor, join_path, unsupported
+from .flatten import attribute_names, check_key, check_tensor, flatten, join_path, unsupported
 from .tensors import copy_bits
 
 _PLAIN = (type(None), bool, int, float, str, bytes)
@@ -98,6 +98,9 @@ class HostSnapshot:
             out = self._walk(state, "", 0)
             for dev in self._sync_devices:
                 torch.cuda.current_stream(dev).synchronize()
+            # the store's own checks, in the caller's thread: what it would refuse in the
+            # background (dtypes, colliding paths, keys) is refused now (a walk, no copies)
+            flatten(out)
         finally:
             self._aliases = {}
             self._sync_devices = set()
@@ -166,7 +169,7 @@ class HostSnapshot:
                    tuple(src.shape), src.stride(), src.dtype, src.is_conj(), src.is_neg())
             done = self._aliases.get(key)
             if done is not None:
-                return _as_type(done, src)
+                return self._with_attributes(_as_type(done, src), done, src, path)
         is_cuda = src.device.type == "cuda"
         pin = bool(is_cuda and torch.cuda.is_available()) if self._pin is None else self._pin
         shape, dtype = tuple(src.shape), src.dtype
@@ -194,7 +197,20 @@ class HostSnapshot:
             copy_bits(dst, data)
         if key is not None:
             self._aliases[key] = dst
-        return _as_type(dst, src)
+        return self._with_attributes(_as_type(dst, src), dst, src, path)
+
+    def _with_attributes(self, out: torch.Tensor, buf: torch.Tensor, src: torch.Tensor,
+                         path: str) -> torch.Tensor:
+        """``out`` with copies of ``src``'s Python attributes, never set on the reused
+        buffer itself (a later snapshot of a tensor without them would inherit them)."""
+        names = attribute_names(src, path)
+        if not names:
+            return out
+        if out is buf:
+            out = buf.detach()  # a new tensor object on the same memory
+        for name in names:
+            out.__dict__[name] = self._walk(src.__dict__[name], f"{path}@{name}", 1)
+        return out
 
     def _array(self, src: np.ndarray, path: str) -> np.ndarray:
         if src.dtype.hasobject or src.dtype.fields is not None:

@@ -15,7 +15,7 @@ import numpy as np
 from ._torch import torch
 from .dtypes import loadable_torch_dtype, numpy_dtype
 from .errors import InvalidInputError, UnsupportedValueError
-from .flatten import Leaf
+from .flatten import Leaf, restore_attributes
 
 
 def leaf_bytes(leaf: Leaf) -> np.ndarray:
@@ -109,11 +109,11 @@ def finish_output(kind: str, value: Any, attrs: dict[str, Any]) -> Any:
     # not obeyed (torch would raise)
     grad_ok = value.is_floating_point() or value.is_complex()
     if kind == "parameter":
-        return torch.nn.Parameter(
+        value = torch.nn.Parameter(
             value, requires_grad=grad_ok and bool(attrs.get("requires_grad", True)))
-    if attrs.get("requires_grad") is True and grad_ok:
-        return value.requires_grad_(True)
-    return value
+    elif attrs.get("requires_grad") is True and grad_ok:
+        value = value.requires_grad_(True)
+    return restore_attributes(value, attrs)
 
 
 def move(value: Any, map_location: Any, saved_device: str) -> Any:
@@ -149,9 +149,14 @@ def move(value: Any, map_location: Any, saved_device: str) -> Any:
 
 
 def _as_restored(moved: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``moved`` with ``like``'s type (Parameter or not) and ``requires_grad``, as a leaf."""
+    """``moved`` with ``like``'s type (Parameter or not), ``requires_grad`` and Python
+    attributes, as a leaf."""
     if isinstance(like, torch.nn.Parameter):
-        return torch.nn.Parameter(moved.detach(), requires_grad=like.requires_grad)
-    if like.requires_grad:
-        return moved.detach().requires_grad_(True)
-    return moved
+        out = torch.nn.Parameter(moved.detach(), requires_grad=like.requires_grad)
+    elif like.requires_grad:
+        out = moved.detach().requires_grad_(True)
+    else:
+        out = moved
+    if like.__dict__ and out is not like:
+        out.__dict__.update(like.__dict__)
+    return out

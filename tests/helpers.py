@@ -78,6 +78,10 @@ def assert_state_equal(actual: Any, expected: Any, path: str = "<root>") -> None
         assert actual.device == expected.device, (
             f"{path}: device {actual.device} != {expected.device}")
         assert actual.requires_grad == expected.requires_grad, f"{path}: requires_grad differs"
+        assert list(actual.__dict__) == list(expected.__dict__), (
+            f"{path}: attributes {list(actual.__dict__)} != {list(expected.__dict__)}")
+        for name, value in expected.__dict__.items():
+            assert_state_equal(actual.__dict__[name], value, f"{path}@{name}")
         if expected.device.type != "meta":
             assert torch.equal(tensor_bytes(actual), tensor_bytes(expected)), (
                 f"{path}: bytes differ")

@@ -666,7 +666,16 @@ def _decode_tree(node, entries: dict, br: _BlockReader, depth: int = 0):
             raise FormatError("malformed E node")
         if node[1] not in entries:
             raise FormatError(f"E index {node[1]} has no entry")
-        return _build_entry(entries[node[1]], node[2], br)
+        value = _build_entry(entries[node[1]], node[2], br)
+        state = node[2].get("state")  # §12.1 attrs "state" (added in session 8)
+        if state is not None and not isinstance(value, (bytes, np.ndarray)):
+            if not (isinstance(state, list) and len(state) == 2 and state[0] == "D"):
+                raise FormatError("malformed attribute state")
+            names = dict(pairs(state[1]))
+            if any(type(n) is not str or hasattr(type(value), n) for n in names):
+                raise FormatError("attribute name defined by the tensor type")
+            value.__dict__.update(names)
+        return value
     if tag == "N":
         if len(node) != 3 or not isinstance(node[1], str) or not isinstance(node[2], str):
             raise FormatError("malformed N node")

@@ -661,6 +661,48 @@ def test_snapshot_rejects_unstorable_values():
         snap.take({"o": np.array([object()])})
 
 
+def _tensor_with(name: str, value) -> torch.Tensor:
+    t = torch.ones(2)
+    setattr(t, name, value)
+    return t
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"u": np.array(["text"])}, "numpy dtype <U4"),
+    ({"dt": torch.qint8}, "dtype torch.qint8"),
+    ({1: torch.ones(1), "1": torch.zeros(1)}, "same path"),
+    ({"k": {10**5000: 1}}, "4300 digits"),
+    ({"t": _tensor_with("extra", torch.ones(1))}, "extra/t@extra'"),
+    ({"t": _tensor_with("size", 3)}, "'size' shadows"),
+], ids=["numpy-str", "quantized-dtype", "colliding-paths", "huge-int-key", "tensor-attribute",
+        "shadowing-attribute"])
+def test_async_saves_refuse_what_the_store_refuses_in_the_caller(store_path, bad, match):
+    """Everything store.save refuses, an async Checkpointer.save refuses in the caller's
+    thread (not later, from the background, as BackgroundSaveError)."""
+    with deltackpt.open("memory://") as mem, pytest.raises(UnsupportedValueError, match=match):
+        mem.save({"extra": bad}, 0)
+    with Checkpointer(store_path, async_save=True) as ck:
+        ck.register("extra", getter=lambda: bad, setter=lambda v: None)
+        with pytest.raises(UnsupportedValueError, match=match):
+            ck.save(1)
+        assert not ck.in_flight and ck.records == []
+        ck.wait()
+        assert ck.store.steps() == []
+
+
+def test_snapshot_keeps_python_attributes_off_its_reused_buffers():
+    t = torch.randn(3)
+    t.persistent = False
+    snap = HostSnapshot()
+    first = snap.take({"t": t})
+    assert first["t"].__dict__ == {"persistent": False}
+    t.persistent = True
+    assert first["t"].persistent is False  # a copy, taken at snapshot time
+    second = snap.take({"t": torch.randn(3)})  # same path, no attributes
+    assert second["t"].untyped_storage().data_ptr() == first["t"].untyped_storage().data_ptr()
+    assert second["t"].__dict__ == {}
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_snapshot_of_cuda_tensors_is_pinned_and_complete():  # pragma: no cover - GPU only
     t = torch.randn(1 << 20, device="cuda")

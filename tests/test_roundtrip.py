@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import io
 import json
 import math
 import os
@@ -328,6 +329,57 @@ def test_int_with_more_than_4300_digits_is_stored_or_refused_by_path():
             assert store.steps() == []
         else:
             assert_state_equal(store.load(0), state)
+
+
+def test_python_attributes_of_tensors_round_trip_like_torch_save(tmp_path):
+    """torch.save keeps a tensor's Python attributes (transformers' _is_hf_initialized on a
+    Parameter from state_dict(keep_vars=True), torch.nn.Buffer's persistent): so does a
+    store, through map_location too; attributes that are not plain values are refused by
+    path before anything is written."""
+    p = torch.nn.Parameter(det_floats((4, 3), 1))
+    p._is_hf_initialized = True
+    b = torch.nn.Buffer(det_floats((5,), 2), persistent=False)
+    t = det_floats((6,), 3)
+    t.meta = {"scale": 0.5, "tags": ["a", 7], "none": None, "dtype": torch.float16}
+    state = {"p": p, "b": b, "t": t, "plain": det_floats((2,), 4)}
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    assert_state_equal(torch.load(buf, weights_only=True), state)  # what torch keeps
+    with deltackpt.open(tmp_path / "s") as store:
+        store.save(state, 0)
+        t1 = t + 1
+        t1.meta = t.meta
+        store.save({**state, "t": t1}, 1)  # a delta step
+    with deltackpt.open(tmp_path / "s") as store:
+        assert_state_equal(store.load(0), state)
+        assert store.load(1)["t"].meta == t.meta
+        assert_state_equal(store.load(0, map_location=lambda x, _: x.clone()), state)
+        assert_state_equal(store.load(0, map_location="cpu", select="p"), {"p": p})
+        for bad, why in ((torch.ones(1), "tensors, arrays or bytes"), (b"x", "bytes"),
+                         (object(), "")):
+            v = det_floats((2,), 5)
+            v.extra = {"k": bad}
+            with pytest.raises(deltackpt.UnsupportedValueError, match=f"'v@extra/k'.*{why}"):
+                store.save({"v": v}, 2)
+        v = det_floats((2,), 5)
+        v.__dict__["size"] = 3  # would shadow Tensor.size on load
+        with pytest.raises(deltackpt.UnsupportedValueError, match="'size' shadows"):
+            store.save({"v": v}, 2)
+        assert store.steps() == [0, 1]
+
+
+def test_unstorable_containers_and_keys_are_refused_by_path():
+    od = collections.OrderedDict(a=1)
+    od.extra = "x"  # torch.save keeps it; deltackpt stores only state_dict()'s _metadata
+    with memory_store() as store:
+        with pytest.raises(deltackpt.UnsupportedValueError, match="'od'.*'extra'"):
+            store.save({"od": od}, 0)
+        with pytest.raises(deltackpt.UnsupportedValueError, match="'k'.*4300 digits"):
+            store.save({"k": {10**5000: 1}}, 0)
+        assert store.steps() == []
+        store.save({"k": {10**4000: 1, -(10**4000): 2}}, 0)  # below the limit: stored
+        assert_state_equal(store.load(0), {"k": {10**4000: 1, -(10**4000): 2}})
 
 
 def test_save_does_not_modify_the_callers_state_and_loads_are_independent():

@@ -45,6 +45,9 @@ def _state(i: int) -> dict:
     model["grad"] = torch.ones(3, requires_grad=True)
     model["u16"] = torch.arange(3000, dtype=torch.int32).to(torch.uint16)
     model["f8"] = torch.linspace(-2, 2, 100).to(torch.float8_e4m3fn)
+    model["tagged"] = torch.nn.Parameter(torch.ones(6) * i)
+    model["tagged"]._is_hf_initialized = True  # Python attributes (§12.1 attrs "state")
+    model["tagged"].info = {"scale": 0.5 + i, "names": ["a", 2**70]}
     model._metadata = collections.OrderedDict([("", {"version": 1}), ("layer", {"version": 2})])
     exp_avg = torch.full((3000,), 0.01 * i) + torch.arange(3000) * 1e-4
     exp_avg_sq = (torch.arange(3000, dtype=torch.float32) * 1e-6 + 1e-8) * (1 + 0.05 * i)

@@ -366,6 +366,28 @@ def test_select_unknown_path_raises_path_not_found(bad):
         assert "step 1" in str(ei.value)
 
 
+def test_select_of_an_empty_key_names_only_it_and_trailing_slashes_are_separators(tmp_path):
+    """The path of a[""] is "a/" (format.md §12.3): selecting it gives that value alone,
+    not its siblings; where no empty key exists a trailing '/' is only a separator."""
+    from deltackpt import diff as diff_mod
+    from deltackpt.export import subtree
+
+    state = {"a": {"": det_floats((3,), 1), "b": det_floats((2,), 2)},
+             "opt": {"x": 1, "y": det_floats((2,), 3)}}
+    with deltackpt.open(tmp_path / "s") as s:
+        s.save(state, 1)
+        assert [e.path for e in s.entries(1)] == ["a/", "a/b", "opt/y"]
+        assert_state_equal(s.load(1, select="a/"), {"a": {"": state["a"][""]}})
+        assert_state_equal(s.load(1, select="opt/"), {"opt": state["opt"]})
+        assert_state_equal(s.load(1, select="/opt/y"), {"opt": {"y": state["opt"]["y"]}})
+        assert_state_equal(s.load(1, select="a"), {"a": state["a"]})
+        assert subtree(state, "a/") is state["a"][""]
+        assert subtree(state, "opt/") is state["opt"]
+        s.save({"a": {"": det_floats((3,), 4), "b": det_floats((2,), 5)}, "opt": state["opt"]}, 2)
+        changed = diff_mod.diff(s, 1, 2, select=["a/"])
+        assert [row["path"] for row in changed["entries"]] == ["a/"]
+
+
 def test_select_overlapping_paths():
     st_ = _select_state()
     with mem() as s:
