@@ -131,6 +131,10 @@ class Index:
             root = os.path.dirname(os.path.abspath(path))
             raise CorruptionError(f"{path}: the index is not a regular file; rebuild it with "
                                   f"`deltackpt reindex {root}`")
+        self.lock = threading.RLock()
+        self._durable, self._readonly = durable, readonly
+        #: connections to index files that `deltackpt reindex` replaced, closed on close()
+        self._retired: list[sqlite3.Connection] = []
         try:
             with self.guard():
                 self._connect(path, durable, readonly)
@@ -138,6 +142,32 @@ class Index:
             if hasattr(self, "conn"):
                 self.conn.close()
             raise
+        self._identity = self._file_identity()
+
+    def _file_identity(self) -> tuple[int, int] | None:
+        if self.path == ":memory:":
+            return None
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino)
+
+    def _follow_replacement(self) -> None:
+        """Reconnect when the index file was replaced since it was opened (``deltackpt
+        reindex`` renames the old file aside): a connection to the old file would read
+        stale steps and commit where no reader looks, and a gc planned from it would delete
+        what the new index holds. Called with ``self.lock`` held."""
+        if self._identity is None or self.conn.in_transaction:
+            return
+        now = self._file_identity()
+        if now is None or now == self._identity:
+            return  # missing: reindex is between its two renames; keep the old one meanwhile
+        old = self.conn
+        self._connect(self.path, self._durable, self._readonly)
+        self._identity = now
+        self._retired.append(old)
+        self.check_version()
 
     def _connect(self, path: str, durable: bool, readonly: bool) -> None:
         uri = path != ":memory:"
@@ -145,7 +175,6 @@ class Index:
         self.conn = sqlite3.connect(target, uri=readonly and uri, check_same_thread=False,
                                     isolation_level=None, timeout=60.0)
         self.db = sqlite_utils.Database(self.conn)
-        self.lock = threading.RLock()
         self.conn.execute("PRAGMA busy_timeout = 60000")
         if path != ":memory:" and not readonly:
             self.conn.execute("PRAGMA journal_mode = WAL")
@@ -213,6 +242,7 @@ class Index:
     def write(self) -> Iterator[sqlite3.Connection]:
         """An IMMEDIATE transaction: committed on success, rolled back on error."""
         with self.lock, self.guard():
+            self._follow_replacement()
             self.conn.execute("BEGIN IMMEDIATE")
             try:
                 yield self.conn
@@ -235,6 +265,7 @@ class Index:
     def read(self) -> Iterator[sqlite3.Connection]:
         """A read transaction: a consistent snapshot of the index."""
         with self.lock, self.guard():
+            self._follow_replacement()
             self.conn.execute("BEGIN")
             try:
                 yield self.conn
@@ -243,11 +274,15 @@ class Index:
 
     def query(self, sql: str, params: Iterable = ()) -> list[tuple]:
         with self.lock, self.guard():
+            self._follow_replacement()
             return self.conn.execute(sql, tuple(params)).fetchall()
 
     def close(self) -> None:
         with self.lock:
             self.conn.close()
+            for conn in self._retired:
+                conn.close()
+            self._retired.clear()
 
 
 def _statements(script: str) -> list[str]:

@@ -74,7 +74,11 @@ def reindex(path: str | os.PathLike, lock_timeout: float = 0.0) -> ReindexResult
         idx.close()
         fsync_path(tmp_path)
         if os.path.exists(index_path):
-            result.old_index = f"{index_path}.broken-{int(time.time())}"
+            aside = f"{index_path}.broken-{int(time.time())}"
+            n = 1
+            while os.path.exists(aside if n == 1 else f"{aside}-{n}"):
+                n += 1  # a second reindex within the second must not overwrite the first
+            result.old_index = aside if n == 1 else f"{aside}-{n}"
             os.replace(index_path, result.old_index)
         for suffix in ("-wal", "-shm"):
             if os.path.exists(index_path + suffix):

@@ -257,3 +257,41 @@ def test_a_reader_sees_a_manifest_replaced_by_thin_in_another_store(tmp_path):
             w.thin(1, ["w"])
         assert_state_equal(reader.load(1), {"w": state(1)["w"]})
         assert reader.verify().ok
+
+
+def test_a_store_opened_before_reindex_follows_the_new_index(tmp_path):
+    """`deltackpt reindex` renames the old index aside while a reader (which holds no
+    lock) has it open: that store must read and commit into the new index, never into
+    the old file (a save there was acknowledged, then lost, and a gc planned from it
+    deleted steps the new index holds)."""
+    from deltackpt.reindex import reindex
+
+    path = tmp_path / "s"
+    with deltackpt.open(path) as s:
+        s.save(state(1), step=1)
+        s.save(state(2), step=2)
+    reader = deltackpt.open(path)
+    assert reader.steps() == [1, 2]  # open, reading, no lock held
+    old = reindex(path).old_index
+    assert old and os.path.exists(old)
+    reader.save(state(3), step=3)  # acknowledged: must be in the index everyone reads
+    assert reader.steps() == [1, 2, 3]
+    reader.close()
+    with deltackpt.open(path) as s:
+        assert s.steps() == [1, 2, 3]
+        assert_state_equal(s.load(3), state(3))
+
+    gc_runner = deltackpt.open(path)
+    assert gc_runner.steps() == [1, 2, 3]
+    reindex(path)
+    with deltackpt.open(path) as s:
+        s.save(state(4), step=4)  # committed into the new index only
+    gc_runner.gc(repack_threshold=0.99)  # must see step 4, not delete its pack
+    assert gc_runner.steps() == [1, 2, 3, 4]
+    gc_runner.close()
+    with deltackpt.open(path) as s:
+        for step in (1, 2, 3, 4):
+            assert_state_equal(s.load(step), state(step))
+        assert s.verify().ok
+    # each reindex kept its predecessor aside, also two within one second
+    assert len(list(path.glob("index.sqlite.broken-*"))) == 2
