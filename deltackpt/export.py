@@ -392,7 +392,9 @@ def export(
     ``model.load_state_dict(load_file(out))`` works; ``select=None`` exports the whole
     state under full paths. Components are joined by '/'; a '/' or '%' inside a key is
     written as %2F / %25. Tensors are decoded and written one window at a time
-    (safetensors), never the whole step at once. Files appear atomically.
+    (safetensors), never the whole step at once. Files appear atomically; an export over an
+    earlier one into the same directory removes the old index first and writes the new one
+    last, so an interrupted export leaves no index (export again), never mixed shards.
     """
     out = os.fspath(out)
     if max_shard_size is not None:
@@ -577,6 +579,12 @@ def write_tensor_files(
                             f.write(chunk)
                             progress.update(chunk.nbytes)
                 written.append(path)
+        if shard_limit is not None:
+            # an earlier export into this directory goes first, its index before its
+            # shards, and the new index comes last: an export interrupted in between leaves
+            # shards without an index, which no loader takes for a checkpoint, never a mix
+            # of two steps under one index
+            _remove_export_files(out)
         for path in written:
             os.replace(f"{path}.partial", path)
         partial = []
@@ -598,13 +606,16 @@ def write_tensor_files(
                 f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
             os.replace(tmp, index_path)
             written.append(index_path)
-        # files of an earlier export into this directory would contradict the new one
-        keep = {os.path.basename(p) for p in written}
-        for name in os.listdir(out):
-            if name not in keep and (name in (SHARD_INDEX_NAME, SINGLE_SHARD_NAME)
-                                     or _SHARD_RE.fullmatch(name)):
-                os.remove(os.path.join(out, name))
     return written
+
+
+def _remove_export_files(out: str) -> None:
+    """Remove the files an earlier export wrote into directory ``out``, index first."""
+    names = [n for n in os.listdir(out)
+             if n in (SHARD_INDEX_NAME, SINGLE_SHARD_NAME) or _SHARD_RE.fullmatch(n)]
+    for name in sorted(names, key=lambda n: n != SHARD_INDEX_NAME):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(out, name))
 
 
 def write_state(

@@ -156,6 +156,55 @@ def test_single_shard_is_model_safetensors_and_stale_files_go(small, tmp_path):
     assert r.files == [str(d / "model.safetensors")]
 
 
+@pytest.mark.parametrize("shards", ["1GB", 4000])
+def test_an_interrupted_re_export_never_leaves_an_index_over_mixed_steps(small, tmp_path,
+                                                                          monkeypatch, shards):
+    """Exporting step 2 over step 1's sharded export, killed at every rename in turn: the
+    directory holds step 1's export, step 2's, or shards without an index (which no loader
+    takes for a checkpoint), never an index whose shards come from two steps."""
+    m1 = _model()
+    m2 = _model()
+    m2["big.weight"] = m2["big.weight"] + 1  # step 2 differs
+    small.save(_state(m1), 1)
+    small.save(_state(m2), 2)
+    real_replace = os.replace
+
+    class Killed(Exception):
+        pass
+
+    for kill_at in range(0, 12):
+        d = tmp_path / f"hf{kill_at}"
+        small.export(d, 1, max_shard_size=4000)
+        calls = []
+
+        def replace(src, dst, _calls=calls, _kill=kill_at):
+            if len(_calls) == _kill:
+                raise Killed
+            _calls.append(dst)
+            real_replace(src, dst)
+
+        monkeypatch.setattr(os, "replace", replace)
+        try:
+            small.export(d, 2, max_shard_size=shards)
+            finished = True
+        except Killed:
+            finished = False
+        finally:
+            monkeypatch.setattr(os, "replace", real_replace)
+        names = set(os.listdir(d))
+        if "model.safetensors.index.json" in names:
+            index = json.loads((d / "model.safetensors.index.json").read_text())
+            steps = {safe_open(d / f, "pt").metadata()["deltackpt_step"]
+                     for f in set(index["weight_map"].values())}
+            assert len(steps) == 1, (kill_at, steps)
+        elif "model.safetensors" in names:
+            assert safe_open(d / "model.safetensors", "pt").metadata()["deltackpt_step"] == "2"
+        if finished:
+            break
+    else:
+        pytest.fail("the export never finished")
+
+
 def test_pt_export_loads_weights_only_and_equals(small, tmp_path):
     m = _model()
     small.save(_state(m), 3)
