@@ -295,3 +295,39 @@ def test_a_store_opened_before_reindex_follows_the_new_index(tmp_path):
         assert s.verify().ok
     # each reindex kept its predecessor aside, also two within one second
     assert len(list(path.glob("index.sqlite.broken-*"))) == 2
+
+
+def test_verify_beside_a_writer_reports_no_damage_that_a_delete_and_gc_caused(tmp_path,
+                                                                                monkeypatch):
+    """A step deleted and its pack repacked by another writer while verify reads them is
+    not damage: verify checks again from a fresh plan and reports the store healthy; real
+    damage found by an undisturbed pass is still reported."""
+    import deltackpt.store as store_mod
+
+    path = tmp_path / "s"
+    with deltackpt.open(path, block_size=4096) as s:
+        for step in range(1, 6):
+            s.save(state(step), step=step)
+    verifier = deltackpt.open(path)
+    real_read = store_mod._read_current
+    fired = []
+
+    def read_current(backend, name):
+        if not fired:  # the writer strikes after verify planned, before it reads
+            fired.append(name)
+            with deltackpt.open(path) as writer:
+                writer.delete(1)
+                writer.delete(2)
+                writer.gc(repack_threshold=0.99)
+        return real_read(backend, name)
+
+    monkeypatch.setattr(store_mod, "_read_current", read_current)
+    result = verifier.verify()
+    assert fired and result.ok, result.problems
+    assert result.steps_checked == 3
+    monkeypatch.setattr(store_mod, "_read_current", real_read)
+    manifest = verifier._index.query("SELECT manifest FROM steps WHERE step=4")[0][0]
+    os.remove(path / manifest)
+    result = verifier.verify()
+    assert not result.ok and result.damaged_steps == [4]
+    verifier.close()
