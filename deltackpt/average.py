@@ -158,7 +158,8 @@ def _average_once(store: Store, steps: list[int], select: str | Sequence[str] | 
             _average_range(reader, steps, sources, _elem_dtype(e), view[a:b], a, ema)
 
     wait_all([store._pool.submit(run, t) for t in tasks])
-    values = {i: finish_output(e.kind, outputs[e.idx], e.attrs)
+    values = {i: finish_output(e.kind, outputs[e.idx], e.attrs,
+                               f"{store.location}: step {last}, entry '{e.path}'")
               for i, e in ((e.idx, e) for e in reader.entries[last])}
     return unflatten(reader.trees[last], values)
 

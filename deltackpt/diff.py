@@ -69,8 +69,9 @@ def _entries(conn: Any, store: Store, step: int) -> dict[str, _Entry]:
 def _select(entries: dict[str, _Entry], select: Sequence[str] | None) -> dict[str, _Entry]:
     if not select:
         return entries
-    # "a/" is the path of a[""] when that exists, else "a" with a trailing separator
-    roots = [s if s in entries else s.rstrip("/") for s in select]
+    # "a/" is the path of a[""] when that holds anything, else "a" with a trailing separator
+    roots = [s if any(p == s or p.startswith(s + "/") for p in entries) else s.rstrip("/")
+             for s in select]
     return {p: e for p, e in entries.items()
             if any(p == r or p.startswith(r + "/") for r in roots)}
 

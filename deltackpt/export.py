@@ -311,7 +311,8 @@ class StepReader:
         """(path, value) for every entry of ``step``, values as :meth:`Store.load` makes them
         on the CPU (tensor, Parameter, ndarray or bytes)."""
         for e, out in self.iter_raw(step, window=window):
-            yield e.path, finish_output(e.kind, out, e.attrs)
+            yield e.path, finish_output(e.kind, out, e.attrs,
+                                        f"{self.store.location}: step {step}, entry '{e.path}'")
 
 
 def iter_entries(store: Store, step: int | None = None,
@@ -716,7 +717,10 @@ def check_weights_only(value: Any, path: str = "") -> None:
         raise UnsupportedValueError(
             f"{what} at {where} cannot be loaded with torch.load(weights_only=True); "
             "export to .safetensors, or select a subtree without it")
-    if isinstance(value, dict):
+    if isinstance(value, torch.Tensor):
+        for name, v in value.__dict__.items():  # pickled with the tensor
+            check_weights_only(v, f"{path}@{name}")
+    elif isinstance(value, dict):
         for k, v in value.items():
             check_weights_only(v, join_path(path, k))
     elif isinstance(value, (list, tuple)):

@@ -29,7 +29,6 @@ from __future__ import annotations
 import collections
 import math
 import struct
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,16 +90,21 @@ def check_text(text: str, what: str) -> None:
             "deltackpt stores keys as UTF-8") from None
 
 
+#: int keys are written as JSON integers: at most Python's default int/str digit limit
+_KEY_INT_DIGITS = 4300
+_KEY_INT_LIMIT = 10**_KEY_INT_DIGITS
+
+
 def check_key(key: Any, path: str) -> Any:
     """``key`` when a state may use it as a dict key (str or int, valid Unicode), else
     UnsupportedValueError naming ``path`` (flatten and the async snapshot alike)."""
     if type(key) is int:
-        try:
-            str(key)
-        except ValueError:  # Python's int/str limit (4300 digits): no JSON form for readers
+        if key >= _KEY_INT_LIMIT or key <= -_KEY_INT_LIMIT:
+            # past Python's default int/str limit a reader's JSON parser refuses the key,
+            # whatever limit this process set for itself
             raise UnsupportedValueError(
-                f"dict key at '{path or '/'}' is an int of more than "
-                f"{sys.get_int_max_str_digits()} digits; use a str key") from None
+                f"dict key at '{path or '/'}' is an int of more than {_KEY_INT_DIGITS} "
+                "digits; use a str key")
         return key
     if type(key) is str:
         check_text(key, f"dict key {key!r} at '{path or '/'}'")
@@ -140,19 +144,60 @@ def check_tensor(value: torch.Tensor, path: str) -> None:
         raise unsupported(path, value, "a meta tensor has no data")
 
 
+#: instance attributes that change what a tensor *is* to torch or numpy, not data about it:
+#: ``_is_param`` makes isinstance(t, Parameter) true (Parameter-ness is the entry's kind), and
+#: dunder names such as ``__array_interface__`` would let a crafted file point numpy at any
+#: memory address. Refused when saving and, from a damaged or crafted tree, when loading.
+_RESERVED_ATTRIBUTES = frozenset({"_is_param"})
+
+
+def attribute_problem(owner: type, name: Any) -> str | None:
+    """Why attribute ``name`` may not be stored on (or restored onto) an ``owner``, or None."""
+    if type(name) is not str:
+        return f"attribute name {name!r:.40} is not a str"
+    if name.startswith("__") and name.endswith("__"):
+        return f"attribute {name!r:.40} is a special name"
+    if name in _RESERVED_ATTRIBUTES or hasattr(owner, name):
+        return f"attribute {name!r:.40} would shadow {owner.__qualname__}.{name}"
+    return None
+
+
 def attribute_names(value: Any, path: str, ignore: tuple[str, ...] = ()) -> list[str]:
     """Names of the Python attributes set on a tensor or OrderedDict instance (its
-    ``__dict__``; ``torch.save`` keeps them), each checked: str, valid text, and not
-    shadowing what its type defines (a method, a property)."""
+    ``__dict__``; ``torch.save`` keeps them), each checked: valid text, not a special name,
+    not shadowing what its type defines (a method, a property) or torch's own flags."""
     names = [n for n in getattr(value, "__dict__", {}) if n not in ignore]
     for name in names:
-        if type(name) is not str:
-            raise unsupported(path, value, f"attribute name {name!r} is not a str")
+        why = attribute_problem(type(value), name)
+        if why is not None:
+            raise unsupported(path, value, why)
         check_text(name, f"attribute {name!r} at '{path or '/'}'")
-        if hasattr(type(value), name):
-            raise unsupported(path, value, f"its attribute {name!r} shadows "
-                              f"{_type_name(value)}.{name}")
     return names
+
+
+def check_container_attributes(value: Any, path: str) -> None:
+    """Refuse attributes on a dict-like container: only an OrderedDict's ``_metadata``
+    (set by ``state_dict()``) is stored."""
+    if type(value) is collections.OrderedDict:
+        extra = attribute_names(value, path, ignore=("_metadata",))
+    elif type(value) is collections.Counter:
+        extra = attribute_names(value, path)
+    else:
+        return
+    if extra:
+        raise unsupported(path, value, f"attribute {extra[0]!r} is not storable: only an "
+                          "OrderedDict's _metadata is")
+
+
+def path_collision(path: str) -> UnsupportedValueError:
+    return UnsupportedValueError(
+        f"two values map to the same path '{path}' (an int key and a str key with the same "
+        "text, or an empty key, whose path is its parent's?); rename one of them")
+
+
+#: why a tensor's attributes cannot hold a leaf (flatten and the async snapshot alike)
+ATTRIBUTE_LEAF = ("a tensor's attributes may hold plain values (numbers, str, containers of "
+                  "them), not tensors, arrays or bytes")
 
 
 class _Flattener:
@@ -165,15 +210,9 @@ class _Flattener:
     def add_leaf(self, path: str, kind: str, dtype: str, shape: tuple[int, ...], value: Any,
                  device: str = "cpu") -> int:
         if self._attributes_of is not None:
-            raise unsupported(path, value,
-                              "a tensor's attributes may hold plain values (numbers, str, "
-                              "containers of them), not tensors, arrays or bytes")
+            raise unsupported(path, value, ATTRIBUTE_LEAF)
         if path in self.paths:
-            raise UnsupportedValueError(
-                f"two values map to the same path '{path}' (an int key and a str key with "
-                "the same text, or an empty key, whose path is its parent's?); rename one "
-                "of them"
-            )
+            raise path_collision(path)
         self.paths.add(path)
         leaf = Leaf(len(self.leaves), path, kind, dtype, shape, value, device)
         self.leaves.append(leaf)
@@ -201,14 +240,8 @@ class _Flattener:
                 pairs.append([k, self.walk(v, join_path(path, k), depth + 1)])
             if t is dict:
                 return ["D", pairs]
+            check_container_attributes(value, path)
             if t is collections.Counter:  # MultiStepLR's milestones
-                extra = attribute_names(value, path)
-            else:
-                extra = attribute_names(value, path, ignore=("_metadata",))
-            if extra:
-                raise unsupported(path, value, f"attribute {extra[0]!r} is not storable: "
-                                  "only an OrderedDict's _metadata is")
-            if t is collections.Counter:
                 return ["C", pairs]
             meta = getattr(value, "_metadata", None)
             meta_tree = None if meta is None else self.walk(meta, join_path(path, "@metadata"),
@@ -218,7 +251,7 @@ class _Flattener:
             idx = self.add_leaf(path, "bytes", "uint8", (len(value),), value)
             return ["E", idx, {}]
         if isinstance(value, torch.Tensor):
-            return self.tensor(value, path)
+            return self.tensor(value, path, depth)
         if t is np.ndarray:
             name = numpy_dtype_name(value.dtype)
             if name is None:
@@ -241,7 +274,7 @@ class _Flattener:
             return ["dev", str(value)]
         raise unsupported(path, value)
 
-    def tensor(self, value: torch.Tensor, path: str) -> Any:
+    def tensor(self, value: torch.Tensor, path: str, depth: int = 0) -> Any:
         t = type(value)
         check_tensor(value, path)
         kind = "parameter" if t is torch.nn.Parameter else "tensor"
@@ -258,8 +291,8 @@ class _Flattener:
         if names:  # e.g. transformers' _is_hf_initialized, torch.nn.Buffer's persistent
             self._attributes_of = path
             try:
-                attrs["state"] = ["D", [[n, self.walk(value.__dict__[n], f"{path}@{n}", 1)]
-                                        for n in names]]
+                attrs["state"] = ["D", [[n, self.walk(value.__dict__[n], f"{path}@{n}",
+                                                      depth + 2)] for n in names]]
             finally:
                 self._attributes_of = None
         idx = self.add_leaf(path, kind, name, tuple(int(s) for s in value.shape), value, device)
@@ -374,10 +407,16 @@ def restore_attributes(value: Any, attrs: dict[str, Any]) -> Any:
     if not (isinstance(node, list) and len(node) == 2 and node[0] == "D"
             and isinstance(node[1], list)):
         raise _bad_tree(f"bad attribute state {node!r:.80}")
-    state = _build(node, {}, 1)
-    for name in state:
-        if type(name) is not str or hasattr(type(value), name):
-            raise _bad_tree(f"attribute {name!r:.40} may not be set on {_type_name(value)}")
+    for pair in node[1]:
+        if not (isinstance(pair, list) and len(pair) == 2):
+            raise _bad_tree(f"bad attribute pair {pair!r:.80}")
+        why = attribute_problem(type(value), pair[0])
+        if why is not None:
+            raise _bad_tree(why)
+    try:
+        state = _build(node, {}, 1)  # an E node inside finds no entry: KeyError
+    except (KeyError, TypeError, IndexError, AttributeError, RecursionError) as exc:
+        raise _bad_tree(f"bad attribute state ({type(exc).__name__})") from None
     value.__dict__.update(state)
     return value
 

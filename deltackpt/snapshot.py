@@ -34,9 +34,11 @@ current stream before returning, so the host copy is complete when
 Tensors that alias each other (tied weights: same storage, offset, shape,
 strides and dtype) are copied once and share one buffer in the snapshot.
 
-Only the types :mod:`deltackpt.flatten` stores are accepted; anything else
-raises :class:`~deltackpt.errors.UnsupportedValueError` naming its path right
-away, in the caller's thread, instead of failing later in the background.
+Only what :mod:`deltackpt.flatten` stores is accepted (the same checks, made during
+the copy: types, dtypes, keys, colliding paths, attributes); anything else raises
+:class:`~deltackpt.errors.UnsupportedValueError` naming its path right away, in
+the caller's thread, instead of failing later in the background
+(``tests/test_checkpointer.py`` holds the two to the same verdicts).
 """
 
 from __future__ import annotations
@@ -47,9 +49,18 @@ from typing import Any
 import numpy as np
 
 from ._torch import torch
-from .dtypes import numpy_dtype_name
+from .dtypes import numpy_dtype_name, torch_dtype_name
 from .errors import UnsupportedValueError
-from .flatten import attribute_names, check_key, check_tensor, flatten, join_path, unsupported
+from .flatten import (
+    ATTRIBUTE_LEAF,
+    attribute_names,
+    check_container_attributes,
+    check_key,
+    check_tensor,
+    join_path,
+    path_collision,
+    unsupported,
+)
 from .tensors import copy_bits
 
 _PLAIN = (type(None), bool, int, float, str, bytes)
@@ -83,6 +94,10 @@ class HostSnapshot:
         self._used: set[str] = set()
         self._aliases: dict[tuple, Any] = {}
         self._sync_devices: set[torch.device] = set()
+        #: paths of the leaves (tensors, arrays, bytes) of the snapshot being taken: two
+        #: values with one path are refused as flatten refuses them
+        self._leaf_paths: set[str] = set()
+        self._in_attributes = False
 
     # -- public -----------------------------------------------------------------
     def take(self, state: Any) -> Any:
@@ -95,15 +110,15 @@ class HostSnapshot:
         self._aliases = {}
         self._sync_devices = set()
         try:
+            self._leaf_paths = set()
             out = self._walk(state, "", 0)
             for dev in self._sync_devices:
                 torch.cuda.current_stream(dev).synchronize()
-            # the store's own checks, in the caller's thread: what it would refuse in the
-            # background (dtypes, colliding paths, keys) is refused now (a walk, no copies)
-            flatten(out)
         finally:
             self._aliases = {}
             self._sync_devices = set()
+            self._leaf_paths = set()
+            self._in_attributes = False
         for path in [p for p in self._buffers if p not in self._used]:
             del self._buffers[path]
         return out
@@ -127,7 +142,14 @@ class HostSnapshot:
         if depth > 200:
             raise UnsupportedValueError(f"state nested deeper than 200 levels at '{path}'")
         t = type(value)
-        if t in _PLAIN or t in (torch.Size, torch.dtype, torch.device):
+        if t is bytes:
+            self._leaf(path, value)
+            return value
+        if t in _PLAIN or t is torch.Size or t is torch.device:
+            return value
+        if t is torch.dtype:
+            if torch_dtype_name(value) is None:
+                raise unsupported(path, value, f"dtype {value} is not storable")
             return value
         if t is list:
             return [self._walk(v, join_path(path, i), depth + 1) for i, v in enumerate(value)]
@@ -135,6 +157,7 @@ class HostSnapshot:
             return tuple(self._walk(v, join_path(path, i), depth + 1)
                          for i, v in enumerate(value))
         if t is dict or t is collections.OrderedDict or t is collections.Counter:
+            check_container_attributes(value, path)
             out = t()
             for k, v in value.items():
                 k = check_key(k, path)  # before join_path, which assumes a valid key
@@ -144,7 +167,7 @@ class HostSnapshot:
                 out._metadata = self._walk(meta, join_path(path, "@metadata"), depth + 1)
             return out
         if isinstance(value, torch.Tensor):
-            return self._tensor(value, path)
+            return self._tensor(value, path, depth)
         if t is np.ndarray:
             return self._array(value, path)
         if isinstance(value, np.generic) and t is not np.object_:
@@ -152,6 +175,14 @@ class HostSnapshot:
                 raise unsupported(path, value, f"numpy dtype {value.dtype} has no fixed layout")
             return value  # numpy scalars are immutable
         raise unsupported(path, value)
+
+    def _leaf(self, path: str, value: Any) -> None:
+        """Register a leaf's path: what :mod:`deltackpt.flatten` refuses, refused now."""
+        if self._in_attributes:
+            raise unsupported(path, value, ATTRIBUTE_LEAF)
+        if path in self._leaf_paths:
+            raise path_collision(path)
+        self._leaf_paths.add(path)
 
     def _buffer(self, path: str, make: Any, match: Any) -> _Buffer:
         buf = self._buffers.get(path)
@@ -161,15 +192,18 @@ class HostSnapshot:
         self._used.add(path)
         return buf
 
-    def _tensor(self, src: torch.Tensor, path: str) -> torch.Tensor:
+    def _tensor(self, src: torch.Tensor, path: str, depth: int) -> torch.Tensor:
         check_tensor(src, path)
+        if torch_dtype_name(src.dtype) is None:
+            raise unsupported(path, src, f"dtype {src.dtype} is not storable")
+        self._leaf(path, src)
         key = None
         if src.numel():
             key = (src.device, src.untyped_storage().data_ptr(), src.storage_offset(),
                    tuple(src.shape), src.stride(), src.dtype, src.is_conj(), src.is_neg())
             done = self._aliases.get(key)
             if done is not None:
-                return self._with_attributes(_as_type(done, src), done, src, path)
+                return self._with_attributes(_as_type(done, src), done, src, path, depth)
         is_cuda = src.device.type == "cuda"
         pin = bool(is_cuda and torch.cuda.is_available()) if self._pin is None else self._pin
         shape, dtype = tuple(src.shape), src.dtype
@@ -197,10 +231,10 @@ class HostSnapshot:
             copy_bits(dst, data)
         if key is not None:
             self._aliases[key] = dst
-        return self._with_attributes(_as_type(dst, src), dst, src, path)
+        return self._with_attributes(_as_type(dst, src), dst, src, path, depth)
 
     def _with_attributes(self, out: torch.Tensor, buf: torch.Tensor, src: torch.Tensor,
-                         path: str) -> torch.Tensor:
+                         path: str, depth: int) -> torch.Tensor:
         """``out`` with copies of ``src``'s Python attributes, never set on the reused
         buffer itself (a later snapshot of a tensor without them would inherit them)."""
         names = attribute_names(src, path)
@@ -208,13 +242,19 @@ class HostSnapshot:
             return out
         if out is buf:
             out = buf.detach()  # a new tensor object on the same memory
-        for name in names:
-            out.__dict__[name] = self._walk(src.__dict__[name], f"{path}@{name}", 1)
+        self._in_attributes = True
+        try:
+            for name in names:
+                out.__dict__[name] = self._walk(src.__dict__[name], f"{path}@{name}",
+                                                depth + 2)
+        finally:
+            self._in_attributes = False
         return out
 
     def _array(self, src: np.ndarray, path: str) -> np.ndarray:
-        if src.dtype.hasobject or src.dtype.fields is not None:
+        if numpy_dtype_name(src.dtype) is None:  # objects, records, strings, datetimes...
             raise unsupported(path, src, f"numpy dtype {src.dtype} has no fixed layout")
+        self._leaf(path, src)
         shape, dtype = src.shape, src.dtype
 
         def make() -> _Buffer:

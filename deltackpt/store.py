@@ -821,8 +821,9 @@ class Store:
         self._decode_blocks(tasks, locations)
         values = {}
         for i, out in outputs.items():
-            kind = by_idx[i][2]
-            value = finish_output(kind, out, attrs_of.get(i, {}))
+            _, path, kind = by_idx[i][:3]
+            value = finish_output(kind, out, attrs_of.get(i, {}),
+                                  f"{self.location}: step {step}, entry '{path}'")
             values[i] = move(value, map_location, devices[i])
         with _index_damage(self, step):
             return unflatten(tree, values)

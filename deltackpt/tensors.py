@@ -14,7 +14,7 @@ import numpy as np
 
 from ._torch import torch
 from .dtypes import loadable_torch_dtype, numpy_dtype
-from .errors import InvalidInputError, UnsupportedValueError
+from .errors import CorruptionError, InvalidInputError, UnsupportedValueError
 from .flatten import Leaf, restore_attributes
 
 
@@ -99,8 +99,9 @@ def output_bytes(value: Any) -> np.ndarray:
     return np.frombuffer(value, dtype=np.uint8)
 
 
-def finish_output(kind: str, value: Any, attrs: dict[str, Any]) -> Any:
-    """Turn a filled output into the leaf type the tree asks for."""
+def finish_output(kind: str, value: Any, attrs: dict[str, Any], where: str = "entry") -> Any:
+    """Turn a filled output into the leaf type the tree asks for; a malformed attribute
+    state in ``attrs`` raises CorruptionError naming ``where``."""
     if kind == "bytes":
         return bytes(value)
     if not isinstance(value, torch.Tensor):
@@ -113,7 +114,10 @@ def finish_output(kind: str, value: Any, attrs: dict[str, Any]) -> Any:
             value, requires_grad=grad_ok and bool(attrs.get("requires_grad", True)))
     elif attrs.get("requires_grad") is True and grad_ok:
         value = value.requires_grad_(True)
-    return restore_attributes(value, attrs)
+    try:
+        return restore_attributes(value, attrs)
+    except ValueError as exc:
+        raise CorruptionError(f"{where}: {exc}") from None
 
 
 def move(value: Any, map_location: Any, saved_device: str) -> Any:

@@ -673,7 +673,7 @@ def _tensor_with(name: str, value) -> torch.Tensor:
     ({1: torch.ones(1), "1": torch.zeros(1)}, "same path"),
     ({"k": {10**5000: 1}}, "4300 digits"),
     ({"t": _tensor_with("extra", torch.ones(1))}, "extra/t@extra'"),
-    ({"t": _tensor_with("size", 3)}, "'size' shadows"),
+    ({"t": _tensor_with("size", 3)}, "'size' would shadow"),
 ], ids=["numpy-str", "quantized-dtype", "colliding-paths", "huge-int-key", "tensor-attribute",
         "shadowing-attribute"])
 def test_async_saves_refuse_what_the_store_refuses_in_the_caller(store_path, bad, match):
@@ -688,6 +688,68 @@ def test_async_saves_refuse_what_the_store_refuses_in_the_caller(store_path, bad
         assert not ck.in_flight and ck.records == []
         ck.wait()
         assert ck.store.steps() == []
+
+
+def _od_with(**attrs):
+    od = collections.OrderedDict(a=torch.ones(1))
+    od._metadata = {"": {"version": 1}}
+    for k, v in attrs.items():
+        setattr(od, k, v)
+    return od
+
+
+def _counter_with_attr():
+    c = collections.Counter({3: 1})
+    c.note = "x"
+    return c
+
+
+_VERDICT_CASES = {
+    "plain": {"w": torch.ones(2), "n": 3, "s": "x", "b": b"ab", "l": [1.5, None]},
+    "numpy-str": {"u": np.array(["text"])},
+    "numpy-datetime": {"d": np.array(["2020-01-01"], dtype="M8[D]")},
+    "numpy-longdouble": {"d": np.zeros(2, dtype=np.longdouble)},
+    "numpy-record": {"r": np.zeros(2, dtype=[("a", "<i4")])},
+    "numpy-ok": {"a": np.arange(3, dtype=">f8"), "s": np.float32(1.5)},
+    "quantized-dtype-value": {"dt": torch.qint8},
+    "dtype-value": {"dt": torch.bfloat16},
+    "bits8-tensor": {"t": torch.zeros(2, dtype=torch.bits8)},
+    "int-str-collision": {1: torch.ones(1), "1": torch.zeros(1)},
+    "bytes-collision": {1: b"x", "1": b"y"},
+    "huge-int-key": {"k": {10**4300: 1}},
+    "big-int-key": {"k": {10**4299: 1}},
+    "tensor-attribute": {"t": _tensor_with("extra", torch.ones(1))},
+    "array-attribute": {"t": _tensor_with("extra", [np.zeros(1)])},
+    "bytes-attribute": {"t": _tensor_with("extra", {"k": b"x"})},
+    "shadowing-attribute": {"t": _tensor_with("size", 3)},
+    "dunder-attribute": {"t": _tensor_with("__array_interface__", {"shape": (1,)})},
+    "is-param-attribute": {"t": _tensor_with("_is_param", True)},
+    "plain-attribute": {"t": _tensor_with("_is_hf_initialized", True)},
+    "ordereddict-metadata": {"m": _od_with()},
+    "ordereddict-attribute": {"m": _od_with(extra=1)},
+    "counter-attribute": {"c": _counter_with_attr()},
+    "object": {"o": object()},
+    "sparse": {"s": torch.eye(2).to_sparse()},
+}
+
+
+@pytest.mark.parametrize("name", sorted(_VERDICT_CASES))
+def test_snapshot_and_store_give_the_same_verdict(name):
+    """An async save refuses exactly what store.save refuses, with the same message: the
+    snapshot makes flatten's checks during its copy instead of flattening again."""
+    from deltackpt.flatten import flatten
+
+    state = {"extra": _VERDICT_CASES[name]}
+    verdicts = []
+    for check in (flatten, HostSnapshot().take):
+        try:
+            check(state)
+            verdicts.append(None)
+        except UnsupportedValueError as exc:
+            verdicts.append(str(exc))
+    assert verdicts[0] == verdicts[1]
+    assert (verdicts[0] is None) == (name in ("plain", "numpy-ok", "dtype-value", "big-int-key",
+                                              "plain-attribute", "ordereddict-metadata"))
 
 
 def test_snapshot_keeps_python_attributes_off_its_reused_buffers():

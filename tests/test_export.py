@@ -216,6 +216,23 @@ def test_pt_export_loads_weights_only_and_equals(small, tmp_path):
     assert torch.load(tmp_path / "opt.pt", weights_only=True) == {"lr": 0.1, "n": 3}
 
 
+def test_pt_export_refuses_tensor_attributes_weights_only_cannot_load(small, tmp_path):
+    """A tensor's attributes are pickled with it: a numpy scalar or a huge int there would
+    make a .pt that torch.load(weights_only=True) refuses, so export refuses it first."""
+    for bad in (np.float32(0.5), 2**3000):
+        t = det_floats((3,), 1)
+        t.scale = bad
+        step = 10 if isinstance(bad, np.generic) else 11
+        small.save({"model": {"w": t}}, step)
+        with pytest.raises(deltackpt.UnsupportedValueError, match="'w@scale'"):
+            small.export(tmp_path / f"m{step}.pt", step)
+    t = det_floats((3,), 1)
+    t.scale = 0.5  # a plain float pickles fine
+    small.save({"model": {"w": t}}, 12)
+    small.export(tmp_path / "ok.pt", 12)
+    assert torch.load(tmp_path / "ok.pt", weights_only=True)["w"].scale == 0.5
+
+
 def test_pt_export_refuses_numpy_values(small, tmp_path):
     small.save(_state(), 3)
     with pytest.raises(deltackpt.UnsupportedValueError, match="'arr'.*weights_only"):

@@ -10,6 +10,7 @@ import os
 import shutil
 import struct
 import tempfile
+from typing import Any
 
 import numpy as np
 import pytest
@@ -36,6 +37,7 @@ from make_frozen_store import frozen_state
 
 import deltackpt
 from deltackpt.dtypes import TORCH_DTYPES
+from deltackpt.packs import decode_manifest, encode_manifest
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -364,7 +366,7 @@ def test_python_attributes_of_tensors_round_trip_like_torch_save(tmp_path):
                 store.save({"v": v}, 2)
         v = det_floats((2,), 5)
         v.__dict__["size"] = 3  # would shadow Tensor.size on load
-        with pytest.raises(deltackpt.UnsupportedValueError, match="'size' shadows"):
+        with pytest.raises(deltackpt.UnsupportedValueError, match="'size' would shadow"):
             store.save({"v": v}, 2)
         assert store.steps() == [0, 1]
 
@@ -380,6 +382,77 @@ def test_unstorable_containers_and_keys_are_refused_by_path():
         assert store.steps() == []
         store.save({"k": {10**4000: 1, -(10**4000): 2}}, 0)  # below the limit: stored
         assert_state_equal(store.load(0), {"k": {10**4000: 1, -(10**4000): 2}})
+
+
+@pytest.mark.parametrize("name,value", [
+    ("_is_param", True),  # would make isinstance(t, Parameter) true
+    ("__array_interface__", ["D", [["shape", ["T", [1]]], ["typestr", "|u1"],
+                                   ["data", ["T", [4096, False]]], ["version", 3]]]),
+    ("size", 3),  # would shadow Tensor.size
+])
+def test_a_crafted_attribute_state_is_refused_on_load(tmp_path, name, value):
+    """Attributes come back from a tree that may be damaged or crafted: one that would
+    change what the tensor is to torch or numpy (numpy reads __array_interface__ from the
+    instance: any memory address) is a CorruptionError naming the step and entry."""
+    t = det_floats((4,), 1)
+    t.note = 1
+    with deltackpt.open(tmp_path / "s") as store:
+        store.save({"t": t}, 0)
+        node = json.dumps(value)
+        with store._index.write() as conn:  # the index and the manifest, consistently
+            tree, manifest = conn.execute("SELECT tree, manifest FROM steps").fetchone()
+            crafted = tree.replace('["note",1]', f'[{json.dumps(name)},{node}]')
+            assert crafted != tree
+            conn.execute("UPDATE steps SET tree=? WHERE step=0", (crafted,))
+        payload = decode_manifest((tmp_path / "s" / manifest).read_bytes())
+        payload["tree"] = json.loads(crafted)
+        (tmp_path / "s" / manifest).write_bytes(encode_manifest(payload))
+        with pytest.raises(deltackpt.CorruptionError, match="step 0, entry 't'.*attribute"):
+            store.load(0)
+
+
+@pytest.mark.parametrize("state", [
+    ["D", [["a", ["E", 0, {}]]]],  # an entry inside attributes
+    ["D", [[["x"], 1]]],  # a key that is no str
+    ["D", [["a"]]],  # a broken pair
+    ["D", [["a", ["?", 1]]]],  # an unknown tag
+    ["L", []],  # not a D node
+])
+def test_malformed_attribute_states_are_corruption_errors(state):
+    from deltackpt.tensors import finish_output
+
+    with pytest.raises(deltackpt.CorruptionError, match="entry 'x'.*(attribute|tree)"):
+        finish_output("tensor", torch.ones(2), {"state": state}, "step 1, entry 'x'")
+
+
+def test_attributes_nested_deep_are_refused_by_path_not_a_recursion_error():
+    inner: list = []
+    deep = inner
+    for _ in range(198):
+        deep.append([])
+        deep = deep[0]
+    t = det_floats((2,), 1)
+    t.nest = inner
+    state: Any = {"t": t}
+    for _ in range(150):
+        state = {"d": state}
+    with memory_store() as store:
+        with pytest.raises(deltackpt.UnsupportedValueError, match="deeper than 200"):
+            store.save(state, 0)
+        assert store.steps() == []
+
+
+def test_the_int_key_limit_holds_whatever_the_writing_process_allows():
+    import sys
+
+    old = sys.get_int_max_str_digits()
+    sys.set_int_max_str_digits(0)  # this process could print it; a default reader cannot
+    try:
+        with memory_store() as store, pytest.raises(deltackpt.UnsupportedValueError,
+                                                    match="4300 digits"):
+            store.save({"k": {-(10**4300): 1}}, 0)
+    finally:
+        sys.set_int_max_str_digits(old)
 
 
 def test_save_does_not_modify_the_callers_state_and_loads_are_independent():

@@ -386,6 +386,12 @@ def test_select_of_an_empty_key_names_only_it_and_trailing_slashes_are_separator
         s.save({"a": {"": det_floats((3,), 4), "b": det_floats((2,), 5)}, "opt": state["opt"]}, 2)
         changed = diff_mod.diff(s, 1, 2, select=["a/"])
         assert [row["path"] for row in changed["entries"]] == ["a/"]
+        nested = {"a": {"": {"x": det_floats((3,), 6)}, "b": det_floats((2,), 7)}}
+        s.save(nested, 3)
+        s.save({"a": {"": {"x": det_floats((3,), 8)}, "b": det_floats((2,), 9)}}, 4)
+        changed = diff_mod.diff(s, 3, 4, select=["a/"])  # a[""] holds a container
+        assert [row["path"] for row in changed["entries"]] == ["a//x"]
+        assert_state_equal(s.load(3, select="a/"), {"a": {"": nested["a"][""]}})
 
 
 def test_select_overlapping_paths():

@@ -102,7 +102,8 @@ def _load_cpu(store, step: int | None, select: list[str] | None, quiet: bool):
             with bar(sum(e.nbytes for e in reader.entries[s]), f"restore step {s}",
                      quiet=quiet) as pbar:
                 for e, out in reader.iter_raw(s):
-                    values[e.idx] = finish_output(e.kind, out, e.attrs)
+                    values[e.idx] = finish_output(e.kind, out, e.attrs,
+                                                  f"{store.location}: step {s}, entry '{e.path}'")
                     pbar.update(e.nbytes)
             return s, unflatten(reader.trees[s], values)
         except (FileNotFoundError, CorruptionError):
