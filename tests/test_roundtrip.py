@@ -116,6 +116,13 @@ def _tensors(draw):
     if draw(st.booleans()):
         grad = name in GRAD_DTYPES and draw(st.booleans())
         t = torch.nn.Parameter(t, requires_grad=grad)
+    # Python attributes, as transformers and torch.nn.Buffer set them (torch.save keeps them)
+    t.__dict__.update(draw(st.dictionaries(
+        st.sampled_from(["_is_hf_initialized", "persistent", "_is_buffer", "tag", "é"]),
+        st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=5),
+                  st.floats().map(lambda x: math.nan if math.isnan(x) else x),
+                  st.lists(st.integers(-(2**70), 2**70), max_size=3).map(tuple)),
+        max_size=2)))
     return t
 
 
