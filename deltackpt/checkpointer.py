@@ -88,7 +88,7 @@ from .errors import BackgroundSaveError, StepExistsError, StoreClosedError
 from .results import StepInfo
 from .retention import RetentionPolicy, prune, reclaim
 from .snapshot import HostSnapshot
-from .store import Store, open_store
+from .store import Store, metric_scalar, open_store
 
 _MISSING = object()
 #: delta policy of a store the checkpointer opens when retention deletes steps
@@ -237,11 +237,7 @@ def _clean_metrics(metrics: dict[str, Any] | None) -> dict[str, Any] | None:
     for k, v in metrics.items():
         if not isinstance(k, str):
             raise TypeError(f"metric names must be str, got {k!r}")
-        if isinstance(v, (torch.Tensor, np.ndarray, np.generic)):
-            v = v.item()
-        if not (v is None or isinstance(v, (bool, int, float, str))):
-            raise TypeError(f"metric {k!r} must be a number, str, bool or None, "
-                            f"not {type(v).__name__}")
+        v = metric_scalar(k, v)
         if isinstance(v, float) and not math.isfinite(v) and not _store_takes_nonfinite():
             v = repr(v)
         out[k] = v
@@ -338,6 +334,8 @@ class Checkpointer:
         self._executor: ThreadPoolExecutor | None = None
         self._inflight: Future | None = None
         self._pending: StepInfo | None = None
+        #: the record of the save behind ``_pending``: once it failed, it ranks no more
+        self._pending_record: SaveRecord | None = None
         self._lock = threading.Lock()
         self._error: tuple[SaveRecord, str, BaseException] | None = None
         self._last_step: int | None = None
@@ -472,8 +470,9 @@ class Checkpointer:
             rules = [r for r in self.retention.best_rules if r.metric in metrics]
             if rules:
                 log = self._store.log()
-                pending = self._pending
-                if pending is not None and all(i.step != pending.step for i in log):
+                pending, record = self._pending, self._pending_record
+                if (pending is not None and record is not None and record.error is None
+                        and all(i.step != pending.step for i in log)):
                     log.append(pending)  # the save in flight counts as if committed
                 return any(r.would_keep(log, metrics[r.metric]) for r in rules)
         return False
@@ -550,6 +549,7 @@ class Checkpointer:
         self.records.append(record)
         self._pending = StepInfo(step, time.time(), dict(clean or {}), [], note, 0, 0, 0, 0,
                                  None)
+        self._pending_record = record
         self._inflight = self._executor.submit(self._job, snap, step, clean, tags, note, record)
         record.blocked_s = time.perf_counter() - t0
 
@@ -592,7 +592,7 @@ class Checkpointer:
         if fut is not None:
             fut.result()  # _job never raises
             self._inflight = None
-            self._pending = None
+            self._pending = self._pending_record = None
 
     def _raise_pending(self) -> None:
         with self._lock:
@@ -602,6 +602,8 @@ class Checkpointer:
         record, stage, exc = pending
         if stage == "save" and self._last_step == record.step:
             self._last_step = None
+        if stage == "save" and self._pending_record is record:
+            self._pending = self._pending_record = None  # never committed: ranks no more
         if stage == "save":
             msg = (f"{self._store.location}: background save of step {record.step} failed: "
                    f"{type(exc).__name__}: {exc}; the step was not committed (later saves "

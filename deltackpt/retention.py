@@ -31,7 +31,6 @@ the job.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -42,9 +41,13 @@ from .results import StepInfo
 def metric_value(info: StepInfo, metric: str) -> float | None:
     """The step's value of ``metric`` when it can rank (a number, not NaN), else None."""
     v = info.metrics.get(metric)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
-        return None
-    return v
+    return v if _ranks(v) else None
+
+
+def _ranks(v: Any) -> bool:
+    """A number that can rank: int or float, not bool, not NaN (``v != v``: math.isnan
+    overflows on ints past float's range, which JSON metrics may hold)."""
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and v == v
 
 
 @dataclass(frozen=True)
@@ -93,7 +96,7 @@ class KeepBest:
 
     def would_keep(self, log: Sequence[StepInfo], value: Any) -> bool:
         """Whether a new (newest) step with ``value`` would be among the ``k`` best."""
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        if not _ranks(value):
             return False
         ranked = self.ranked(log)
         if len(ranked) < self.k:
@@ -137,6 +140,9 @@ class RetentionPolicy:
     thin_keep: tuple[str, ...] = ("model",)
 
     def __post_init__(self) -> None:
+        if isinstance(self.rules, (KeepLast, KeepBest, KeepEvery)):
+            raise TypeError("RetentionPolicy takes a tuple of rules: "
+                            f"RetentionPolicy(({self.rules!r},))")
         for r in self.rules:
             if not isinstance(r, (KeepLast, KeepBest, KeepEvery)):
                 raise TypeError(f"not a retention rule: {r!r}")
@@ -213,6 +219,9 @@ def prune(store: Any, policy: RetentionPolicy | Rule, protect: Iterable[int] = (
     """
     from .store import PathNotFoundError
 
+    if not hasattr(store, "log"):
+        raise TypeError(f"prune takes an open store (deltackpt.open(...)), not "
+                        f"{type(store).__name__}")
     if isinstance(policy, (KeepLast, KeepBest, KeepEvery)):
         policy = RetentionPolicy((policy,))
     if not isinstance(policy, RetentionPolicy):

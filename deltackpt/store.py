@@ -2088,14 +2088,24 @@ def _metrics_json(metrics: dict[str, Any] | None) -> str:
     for k, v in metrics.items():
         if not isinstance(k, str):
             raise TypeError(f"metric names must be str, got {k!r}")
-        if hasattr(v, "item") and callable(v.item):  # 0-d tensor / numpy scalar
-            v = v.item()
-        if isinstance(v, bool) or v is None or isinstance(v, (int, float, str)):
-            clean[k] = v
-        else:
-            raise TypeError(f"metric {k!r} must be a number, str, bool or None, "
-                            f"not {type(v).__name__}")
+        clean[k] = metric_scalar(k, v)
     return json.dumps(clean, allow_nan=True)
+
+
+def metric_scalar(name: str, value: Any) -> Any:
+    """``value`` as a plain Python number, str, bool or None (a one-element tensor or
+    numpy value is unwrapped), else TypeError naming the metric."""
+    if hasattr(value, "item") and callable(value.item):  # tensor / numpy scalar or array
+        size = getattr(value, "numel", None)
+        n = size() if callable(size) else getattr(value, "size", 1)
+        if n != 1:
+            raise TypeError(f"metric {name!r} must be a single number, not a "
+                            f"{type(value).__name__} of {n} elements")
+        value = value.item()
+    if isinstance(value, bool) or value is None or isinstance(value, (int, float, str)):
+        return value
+    raise TypeError(f"metric {name!r} must be a number, str, bool or None, "
+                    f"not {type(value).__name__}")
 
 
 def _tags_list(tags: Sequence[str] | None) -> list[str]:

@@ -931,3 +931,41 @@ def test_async_saves_refuse_what_the_store_cannot_hold_in_the_caller(store_path,
         with pytest.raises(UnsupportedValueError):
             ck.save(1)
         assert not ck.in_flight and ck.store.steps() == []
+
+
+def test_a_failed_background_save_no_longer_ranks_as_best(store_path):
+    """keep_best counts the save in flight as committed; once it failed (and the failure
+    surfaced through step()), a later step better than everything committed is saved."""
+    ck = Checkpointer(store_path, model=small_model(), keep_best=("val", "min", 1),
+                      async_save=True, rng=False)
+    with ck:
+        assert ck.step(1, metrics={"val": 0.5})
+        ck.wait()
+        real_save = ck.store.save
+
+        def failing_once(*a, **k):
+            ck.store.save = real_save
+            raise OSError(28, "No space left on device")
+
+        ck.store.save = failing_once
+        assert ck.step(2, metrics={"val": 0.1})  # a new best, fails in the background
+        while ck.in_flight:
+            time.sleep(0.01)
+        with pytest.raises(BackgroundSaveError, match="step 2"):
+            ck.step(3, metrics={"val": 0.9})
+        assert ck.step(4, metrics={"val": 0.2})  # beats 0.5, the best committed value
+        ck.wait()
+        assert ck.store.steps() == [4] and ck.store.best("val") == 4  # 1 pruned: k=1
+
+
+def test_metrics_that_are_not_one_number_name_the_metric(store_path):
+    with deltackpt.open("memory://") as mem:
+        for bad in (torch.tensor([0.1, 0.2]), np.array([0.1, 0.2])):
+            with pytest.raises(TypeError, match="metric 'val' must be a single number"):
+                mem.save({"w": torch.ones(1)}, 1, metrics={"val": bad})
+        mem.save({"w": torch.ones(1)}, 1, metrics={"val": torch.tensor([0.25]),
+                                                   "acc": np.float32(0.5)})
+        assert mem.info(1).metrics == {"val": 0.25, "acc": 0.5}
+    with Checkpointer(store_path, model=small_model()) as ck, \
+            pytest.raises(TypeError, match="metric 'val' must be a single number"):
+        ck.step(1, metrics={"val": torch.tensor([0.1, 0.2])})

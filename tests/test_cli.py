@@ -352,3 +352,22 @@ def test_index_only_commands_never_import_torch(store_dir, argv):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().endswith("torch imported: False"), proc.stdout[-500:]
+
+
+def test_gc_repack_threshold(store_dir, tmp_path):
+    """--repack-threshold 1 rewrites every pack holding anything dead: more space back
+    than the default 0.5, same steps; out-of-range values are usage errors."""
+    import shutil
+
+    run("delete", store_dir, 2)
+    other = tmp_path / "copy"
+    shutil.copytree(store_dir, other)
+    default = json.loads(run("gc", store_dir, "--json").stdout)
+    full = json.loads(run("gc", other, "--repack-threshold", "1", "--json").stdout)
+    assert full["bytes_freed"] > default["bytes_freed"] and full["packs_rewritten"] >= 1
+    for path in (store_dir, other):
+        with deltackpt.open(path) as s:
+            assert s.steps() == [1, 3]
+            assert_state_equal(s.load(3), _state(3))
+    r = run("gc", store_dir, "--repack-threshold", "1.5")
+    assert r.exit_code == 2 and "1.5" in r.output

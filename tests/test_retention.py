@@ -305,3 +305,23 @@ def test_crash_during_prune_leaves_consistent_store(store_path, point):
         again = store.gc(repack_threshold=0.0)
         assert again.objects_deleted == 0 and again.bytes_freed == 0  # no leftovers remain
         assert store.verify().ok
+
+
+def test_int_metrics_past_float_range_rank_and_prune_like_store_best():
+    """A JSON metric may be an int too large for a float: KeepBest ranks it exactly
+    (math.isnan would overflow), as Store.best does, and prune completes."""
+    with deltackpt.open("memory://") as store:
+        for step, score in ((1, 10**400), (2, 5), (3, 10**400 + 1), (4, float("nan"))):
+            store.save({"w": torch.ones(1) * step}, step, metrics={"score": score})
+        assert store.best("score", "max") == 3
+        assert KeepBest("score", "max", 2).select(store.log()) == {1, 3}
+        assert KeepBest("score", "max", 1).would_keep(store.log(), 10**401)
+        deleted, _ = store.prune(KeepBest("score", "max", 2))
+        assert deleted == [2] and store.steps() == [1, 3, 4]  # the latest step stays
+
+
+def test_retention_arguments_that_are_not_what_they_should_be_say_so():
+    with pytest.raises(TypeError, match=r"tuple of rules: RetentionPolicy\(\(KeepLast"):
+        RetentionPolicy(KeepLast(3))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="open store"):
+        deltackpt.prune("some/path", KeepLast(1))  # type: ignore[arg-type]

@@ -200,13 +200,16 @@ def delete_cmd(path: str, steps: tuple[int, ...]) -> None:
 
 @click.command("gc")
 @path_argument
+@click.option("--repack-threshold", type=click.FloatRange(0.0, 1.0), default=0.5,
+              show_default=True, help="Rewrite packs whose live fraction is below this "
+              "(higher: more space back, more bytes rewritten).")
 @json_option
 @quiet_option
 @handle_errors
-def gc_cmd(path: str, as_json: bool, quiet: bool) -> None:
+def gc_cmd(path: str, repack_threshold: float, as_json: bool, quiet: bool) -> None:
     """Remove blocks no step needs and leftovers of interrupted saves."""
     with open_existing(path) as store, bar(0, "gc: repack", quiet=quiet or as_json) as pbar:
-        r = store.gc(progress=pbar)
+        r = store.gc(repack_threshold=repack_threshold, progress=pbar)
     if as_json:
         emit_json(r.__dict__)
         return
