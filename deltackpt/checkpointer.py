@@ -435,9 +435,11 @@ class Checkpointer:
         into the model's and optimizer's own devices by their load_state_dict.
 
         Resuming from a step older than the latest (a rollback, e.g. past a loss spike)
-        leaves the newer steps alone, and saving over one of them then raises
-        :class:`StepExistsError`; ``discard_newer=True`` deletes them once the state is
-        restored, so the run saves its new history under the same step numbers.
+        leaves the newer steps alone: retention neither counts nor deletes them (they
+        would otherwise make ``keep_last`` delete this run's own checkpoints), and saving
+        over one of them raises :class:`StepExistsError`. ``discard_newer=True`` deletes
+        them once the state is restored, so the run saves its new history under the same
+        step numbers (a later ``resume()`` would otherwise load the newest, abandoned one).
         """
         self.wait()
         if step is None:
@@ -469,7 +471,7 @@ class Checkpointer:
         if metrics:
             rules = [r for r in self.retention.best_rules if r.metric in metrics]
             if rules:
-                log = self._store.log()
+                log = [i for i in self._store.log() if i.step not in self._resumed_before]
                 pending, record = self._pending, self._pending_record
                 if (pending is not None and record is not None and record.error is None
                         and all(i.step != pending.step for i in log)):
@@ -565,8 +567,10 @@ class Checkpointer:
         record.new_chunks = res.new_chunks
         if self.retention.active:
             t1 = time.perf_counter()
+            # steps newer than the one this run resumed from belong to the abandoned run:
+            # counted, they would make keep_last delete this run's own checkpoints
             record.deleted, record.thinned = prune(self._store, self.retention, protect=(step,),
-                                                   gc=False)
+                                                   gc=False, set_aside=self._resumed_before)
             if record.deleted or record.thinned or not self._reclaimed:
                 # the first pass of a run also clears what a crashed run left behind
                 reclaim(self._store)

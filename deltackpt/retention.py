@@ -208,11 +208,13 @@ class RetentionPolicy:
 
 
 def prune(store: Any, policy: RetentionPolicy | Rule, protect: Iterable[int] = (),
-          gc: bool = True) -> tuple[list[int], list[int]]:
+          gc: bool = True, set_aside: Iterable[int] = ()) -> tuple[list[int], list[int]]:
     """Apply ``policy`` to ``store``: delete, thin, then gc. Returns (deleted, thinned).
 
     ``policy`` is a :class:`RetentionPolicy` or one rule (``KeepLast(3)``).
-    ``protect`` names steps that must stay whole besides the latest one. Only
+    ``protect`` names steps that must stay whole besides the latest one; ``set_aside``
+    steps are left out of the plan altogether (neither counted nor touched: the newer
+    steps of a run that resumed from an older one). Only
     steps that actually lost entries count as thinned (thinning is idempotent).
     Space returns through :meth:`Store.gc` when anything was deleted or thinned
     (``gc=False`` leaves that to the caller).
@@ -227,7 +229,8 @@ def prune(store: Any, policy: RetentionPolicy | Rule, protect: Iterable[int] = (
     if not isinstance(policy, RetentionPolicy):
         raise TypeError(f"policy must be a RetentionPolicy or a Keep* rule, not "
                         f"{type(policy).__name__}")
-    plan = policy.plan(store.log(), protect)
+    aside = set(set_aside)
+    plan = policy.plan([i for i in store.log() if i.step not in aside], protect)
     deleted: list[int] = []
     for s in plan.delete:
         store.delete(s)

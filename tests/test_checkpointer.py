@@ -281,6 +281,22 @@ def test_rolling_back_to_an_older_step(store_path, async_save):
         assert ck.store.verify().ok
 
 
+@pytest.mark.parametrize("async_save", [False, True])
+def test_after_a_rollback_keep_last_keeps_this_runs_checkpoints(store_path, async_save):
+    """Resumed from step 30 with steps 70 and 80 kept: keep_last=2 counts this run's
+    steps, not the abandoned newer ones (which it neither counts nor deletes)."""
+    with Checkpointer(store_path, model=small_model(0), every_n_steps=10) as ck:
+        for s in (30, 70, 80):
+            ck.save(s)
+    with Checkpointer(store_path, model=small_model(1), every_n_steps=10, keep_last=2,
+                      keep_best=("val", "min", 1), async_save=async_save) as ck:
+        assert ck.resume(step=30) == 30
+        for s in range(31, 61):
+            ck.step(s, metrics={"val": 1.0 / s} if s % 10 == 0 else None)
+        ck.wait()
+        assert ck.store.steps() == [50, 60, 70, 80]
+
+
 def test_resume_missing_extra_is_an_error_unless_not_strict(store_path):
     with Checkpointer(store_path, model=small_model()) as ck:
         ck.save(1)
