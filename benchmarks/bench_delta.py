@@ -177,6 +177,8 @@ def main() -> None:
     files = [(s, f) for s, f in trace_files(args.trace, args.every, args.max_steps)
              if s >= args.min_step]
     configs = args.configs.split(",")
+    if args.workdir:
+        os.makedirs(args.workdir, exist_ok=True)
     work = tempfile.mkdtemp(prefix="bench_delta_", dir=args.workdir)
     stores = {c: deltackpt.open(os.path.join(work, c.replace(":", "_")), delta=c,
                                 threads=args.threads) for c in configs}
