@@ -468,7 +468,9 @@ class Checkpointer:
             return False
         if self.every_n_steps is not None and step % self.every_n_steps == 0:
             return True
-        if metrics:
+        if metrics and step not in self._resumed_before:
+            # (a step the abandoned newer run holds is not overwritten for a metric: only a
+            # scheduled save there stops the run, with the way out in its message)
             rules = [r for r in self.retention.best_rules if r.metric in metrics]
             if rules:
                 log = [i for i in self._store.log() if i.step not in self._resumed_before]

@@ -393,9 +393,9 @@ def export(
     ``model.load_state_dict(load_file(out))`` works; ``select=None`` exports the whole
     state under full paths. Components are joined by '/'; a '/' or '%' inside a key is
     written as %2F / %25. Tensors are decoded and written one window at a time
-    (safetensors), never the whole step at once. Files appear atomically; an export over an
-    earlier one into the same directory removes the old index first and writes the new one
-    last, so an interrupted export leaves no index (export again), never mixed shards.
+    (safetensors), never the whole step at once. Files appear atomically; a sharded export
+    over an earlier one removes the old index first and writes the new one last, so an
+    interrupted export leaves no index (export again), never an index over mixed shards.
     """
     out = os.fspath(out)
     if max_shard_size is not None:
@@ -580,12 +580,14 @@ def write_tensor_files(
                             f.write(chunk)
                             progress.update(chunk.nbytes)
                 written.append(path)
-        if shard_limit is not None:
-            # an earlier export into this directory goes first, its index before its
-            # shards, and the new index comes last: an export interrupted in between leaves
-            # shards without an index, which no loader takes for a checkpoint, never a mix
-            # of two steps under one index
-            _remove_export_files(out)
+        if shard_limit is not None and len(shards) > 1:
+            # an earlier export's index goes before any shard is replaced, and the new index
+            # comes last: an export interrupted in between leaves shards without an index,
+            # which no loader takes for a checkpoint, never one index over two steps' shards
+            # (a single model.safetensors is replaced atomically, and loaders prefer it to
+            # an index: it goes only after the new index is in place, below)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(out, SHARD_INDEX_NAME))
         for path in written:
             os.replace(f"{path}.partial", path)
         partial = []
@@ -607,16 +609,14 @@ def write_tensor_files(
                 f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
             os.replace(tmp, index_path)
             written.append(index_path)
+        # files of an earlier export into this directory would contradict the new one
+        keep = {os.path.basename(p) for p in written}
+        for name in sorted(os.listdir(out), key=lambda n: n != SHARD_INDEX_NAME):
+            if name not in keep and (name in (SHARD_INDEX_NAME, SINGLE_SHARD_NAME)
+                                     or _SHARD_RE.fullmatch(name)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(out, name))
     return written
-
-
-def _remove_export_files(out: str) -> None:
-    """Remove the files an earlier export wrote into directory ``out``, index first."""
-    names = [n for n in os.listdir(out)
-             if n in (SHARD_INDEX_NAME, SINGLE_SHARD_NAME) or _SHARD_RE.fullmatch(n)]
-    for name in sorted(names, key=lambda n: n != SHARD_INDEX_NAME):
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(out, name))
 
 
 def write_state(

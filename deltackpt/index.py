@@ -163,11 +163,17 @@ class Index:
         now = self._file_identity()
         if now is None or now == self._identity:
             return  # missing: reindex is between its two renames; keep the old one meanwhile
-        old = self.conn
-        self._connect(self.path, self._durable, self._readonly)
+        old, old_db = self.conn, self.db
+        try:
+            self._connect(self.path, self._durable, self._readonly)
+            self.check_version()
+        except BaseException:
+            if self.conn is not old:
+                self.conn.close()
+            self.conn, self.db = old, old_db  # still on the old file: the next call retries
+            raise
         self._identity = now
         self._retired.append(old)
-        self.check_version()
 
     def _connect(self, path: str, durable: bool, readonly: bool) -> None:
         uri = path != ":memory:"

@@ -189,6 +189,9 @@ def _committed(store: Store, step: Any) -> bool:
         return True  # unknown: claim nothing
 
 
+#: bytes a pack may hold beyond its live frames (plus 96 per frame) and not be repacked
+_REPACK_SLACK = 4096
+
 #: what changes when a writer commits a save, delete, thin or gc: verify compares it before
 #: and after reading objects that a concurrent delete or gc may remove
 _CHANGES_SQL = ("SELECT (SELECT COUNT(*) FROM steps), (SELECT TOTAL(step) FROM steps), "
@@ -1204,6 +1207,7 @@ class Store:
             dead: list[bytes] = []
             for bid, pid, length, name, size in rows:
                 pk = packs.setdefault(pid, {"name": name, "size": size, "live": 0, "blocks": []})
+                pk["frames"] = pk.get("frames", 0) + 1
                 if bid in live:
                     pk["live"] += length
                     pk["blocks"].append(bid)
@@ -1214,8 +1218,11 @@ class Store:
             crash_point("gc:after-scan")
             freed = 0
             empty = [pid for pid, pk in packs.items() if pk["live"] == 0]
+            # a pack's own bytes (magic, pack index: < 64 per frame) are no waste: without
+            # the slack a threshold near 1 would rewrite fully live packs at every gc
             sparse = [pid for pid, pk in packs.items()
-                      if pk["live"] and pk["live"] < repack_threshold * pk["size"]]
+                      if pk["live"] and pk["live"] < repack_threshold * pk["size"]
+                      and pk["size"] - pk["live"] > _REPACK_SLACK + 96 * pk.get("frames", 0)]
             with self._index.write() as conn:
                 for batch in chunked(dead, 500):
                     marks = ",".join("?" * len(batch))

@@ -295,6 +295,15 @@ def test_after_a_rollback_keep_last_keeps_this_runs_checkpoints(store_path, asyn
             ck.step(s, metrics={"val": 1.0 / s} if s % 10 == 0 else None)
         ck.wait()
         assert ck.store.steps() == [50, 60, 70, 80]
+    # keep-best alone never saves over a step the abandoned run holds (only a scheduled
+    # save there stops the run, with the way out in its message)
+    with Checkpointer(store_path, model=small_model(1), every_n_steps=25, keep_last=2,
+                      keep_best=("val", "min", 1), async_save=async_save) as ck:
+        assert ck.resume(step=60) == 60
+        for s in range(61, 91):
+            ck.step(s, metrics={"val": 1e-6 / s})  # every step a new best
+        ck.wait()
+        assert {70, 80} <= set(ck.store.steps()) and 90 in ck.store.steps()
 
 
 def test_resume_missing_extra_is_an_error_unless_not_strict(store_path):

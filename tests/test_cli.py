@@ -354,20 +354,31 @@ def test_index_only_commands_never_import_torch(store_dir, argv):
     assert proc.stdout.strip().endswith("torch imported: False"), proc.stdout[-500:]
 
 
-def test_gc_repack_threshold(store_dir, tmp_path):
+def test_gc_repack_threshold(tmp_path):
     """--repack-threshold 1 rewrites every pack holding anything dead: more space back
-    than the default 0.5, same steps; out-of-range values are usage errors."""
+    than the default 0.5, same steps; packs all live (bar their own magic and pack index)
+    are never rewritten; out-of-range values are usage errors."""
     import shutil
 
-    run("delete", store_dir, 2)
+    path = tmp_path / "s"
+    states = {s: {"shared": det_floats((60000,), 0), "own": det_floats((20000,), s)}
+              for s in (1, 2, 3)}
+    with deltackpt.open(path, delta="none") as store:
+        for step, state in states.items():
+            store.save(state, step)  # a pack per save; step 1's holds "shared" for all
+    run("delete", path, 1)  # its pack: 80 kB dead, 240 kB live (0.75 > the default 0.5)
     other = tmp_path / "copy"
-    shutil.copytree(store_dir, other)
-    default = json.loads(run("gc", store_dir, "--json").stdout)
+    shutil.copytree(path, other)
+    default = json.loads(run("gc", path, "--json").stdout)
     full = json.loads(run("gc", other, "--repack-threshold", "1", "--json").stdout)
-    assert full["bytes_freed"] > default["bytes_freed"] and full["packs_rewritten"] >= 1
-    for path in (store_dir, other):
-        with deltackpt.open(path) as s:
-            assert s.steps() == [1, 3]
-            assert_state_equal(s.load(3), _state(3))
-    r = run("gc", store_dir, "--repack-threshold", "1.5")
+    assert default["packs_rewritten"] == 0 and full["packs_rewritten"] == 1
+    assert full["bytes_freed"] > default["bytes_freed"] + 60_000
+    for p in (path, other):
+        with deltackpt.open(p) as s:
+            assert s.steps() == [2, 3]
+            assert_state_equal(s.load(2), states[2])
+    r = run("gc", path, "--repack-threshold", "1.5")
     assert r.exit_code == 2 and "1.5" in r.output
+    for _ in range(2):
+        again = json.loads(run("gc", other, "--repack-threshold", "1", "--json").stdout)
+        assert again["packs_rewritten"] == 0 and again["bytes_freed"] == 0, again
