@@ -208,6 +208,11 @@ class LocalBackend:
         self.durable = durable
         self._dirty_dirs: set[str] = set()
         self._fds: OrderedDict[str, int] = OrderedDict()
+        #: reads in progress per cached fd: an fd evicted while a read uses it is closed by
+        #: the last reader (closing it under the read would let the number be reused for
+        #: another pack, and the read return that pack's bytes)
+        self._readers: dict[int, int] = {}
+        self._evicted: set[int] = set()
         self._lock = threading.Lock()
         self._max_open = max_open
         #: directories whose entry in their parent this instance has made durable
@@ -288,32 +293,67 @@ class LocalBackend:
             self._dirty_dirs.add(directory)
 
     def _fd(self, name: str) -> int:
+        """An fd of ``name`` from the cache, counted as in use until :meth:`_done`."""
         with self._lock:
             fd = self._fds.get(name)
             if fd is not None:
                 self._fds.move_to_end(name)
+                self._readers[fd] = self._readers.get(fd, 0) + 1
                 return fd
         path = self.path(name)
         # O_NONBLOCK: opening a FIFO planted in a store must not wait for a writer forever
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+        flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0)
+        try:
+            fd = os.open(path, flags)
+        except OSError as exc:
+            if exc.errno != errno.EMFILE:
+                raise
+            # the process's fd limit: give back the cached fds no read uses, then retry
+            with self._lock:
+                self._max_open = max(1, min(self._max_open, len(self._fds) // 2))
+                self._evict_locked()
+            fd = os.open(path, flags)
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
             raise CorruptionError(f"{path}: not a regular file; a store holds only files here")
         with self._lock:
             if name in self._fds:  # another thread won the race
                 os.close(fd)
-                return self._fds[name]
-            self._fds[name] = fd
-            while len(self._fds) > self._max_open:
-                _, old = self._fds.popitem(last=False)
-                os.close(old)
+                fd = self._fds[name]
+            else:
+                self._fds[name] = fd
+            self._readers[fd] = self._readers.get(fd, 0) + 1
+            self._evict_locked()
         return fd
+
+    def _evict_locked(self) -> None:
+        while len(self._fds) > self._max_open:
+            _, old = self._fds.popitem(last=False)
+            self._close_locked(old)
+
+    def _close_locked(self, fd: int) -> None:
+        if self._readers.get(fd):
+            self._evicted.add(fd)  # the last reader closes it
+        else:
+            self._readers.pop(fd, None)
+            os.close(fd)
+
+    def _done(self, fd: int) -> None:
+        with self._lock:
+            n = self._readers.get(fd, 0) - 1
+            if n > 0:
+                self._readers[fd] = n
+                return
+            self._readers.pop(fd, None)
+            if fd in self._evicted:
+                self._evicted.discard(fd)
+                os.close(fd)
 
     def _forget(self, name: str) -> None:
         with self._lock:
             fd = self._fds.pop(name, None)
-        if fd is not None:
-            os.close(fd)
+            if fd is not None:
+                self._close_locked(fd)
 
     # -- Backend -------------------------------------------------------------
     def create(self, name: str) -> _LocalWriter:
@@ -345,11 +385,14 @@ class LocalBackend:
 
     def read(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
         fd = self._fd(name)
-        if length is None:
-            length = os.fstat(fd).st_size - offset
-        if offset < 0 or length < 0:
-            raise CorruptionError(f"{name}: bad byte range {offset}+{length}")
-        data = os.pread(fd, length, offset)
+        try:
+            if length is None:
+                length = os.fstat(fd).st_size - offset
+            if offset < 0 or length < 0:
+                raise CorruptionError(f"{name}: bad byte range {offset}+{length}")
+            data = os.pread(fd, length, offset)
+        finally:
+            self._done(fd)
         if len(data) != length:
             raise CorruptionError(
                 f"{name}: short read at offset {offset} ({len(data)} of {length} bytes; "
@@ -408,8 +451,8 @@ class LocalBackend:
     def close(self) -> None:
         with self._lock:
             fds, self._fds = list(self._fds.values()), OrderedDict()
-        for fd in fds:
-            os.close(fd)
+            for fd in fds:
+                self._close_locked(fd)
 
 
 def _unlink_quietly(path: str) -> None:

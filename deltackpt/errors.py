@@ -37,8 +37,8 @@ class StoreLockedError(DeltackptError, BlockingIOError):
 
 
 class StorageError(DeltackptError, OSError):
-    """Writing to the store failed (disk full, I/O error, failed fsync); names the store and
-    the operation. Nothing the failed call was making becomes visible."""
+    """Writing to or reading from the store failed (disk full, I/O error, failed fsync);
+    names the store and the operation. Nothing the failed call was making becomes visible."""
 
 
 class FormatVersionError(DeltackptError, ValueError):

@@ -28,8 +28,10 @@ from ._torch import torch
 from .dtypes import torch_dtype_name
 from .errors import (
     CorruptionError,
+    DeltackptError,
     InvalidInputError,
     StepNotFoundError,
+    StorageError,
     UnsupportedValueError,
 )
 from .flatten import Leaf, entry_nodes, escape_key, join_path, select_tree
@@ -100,9 +102,12 @@ def write_pt(state: Any, path: str | os.PathLike) -> None:
     try:
         torch.save(state, tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.remove(tmp)
+        if isinstance(exc, RuntimeError):
+            # torch's zip writer reports a failed write (a full disk) as "unexpected pos"
+            raise StorageError(f"{os.fspath(path)}: writing the file failed: {exc}") from exc
         raise
 
 
@@ -425,6 +430,11 @@ def export(
             if attempt == 2:
                 raise
             time.sleep(0.05 * (attempt + 1))
+        except DeltackptError:
+            raise
+        except OSError as exc:  # writing the output: a full disk, an I/O error
+            msg = f"{out}: writing the export failed: {exc.strerror or exc}"
+            raise (StorageError(exc.errno, msg) if exc.errno else StorageError(msg)) from exc
     raise AssertionError("unreachable")
 
 

@@ -44,8 +44,16 @@ class WriterLock:
                         "the store with lock_timeout=SECONDS to wait"
                     ) from None
                 time.sleep(0.05)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+            except BaseException:  # e.g. ENOLCK on a filesystem without flock
+                os.close(fd)
+                raise
+        try:
+            # who holds it, for the message of the next writer: best effort (a full disk
+            # must not leave the lock taken by a writer that failed to become one)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        except OSError:
+            pass
         self._fd = fd
 
     def release(self) -> None:
@@ -53,9 +61,13 @@ class WriterLock:
             fd, self._fd = self._fd, None
             try:
                 os.ftruncate(fd, 0)
+            except OSError:
+                pass  # the holder's text only; the lock itself must go
             finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-                os.close(fd)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+                finally:
+                    os.close(fd)
 
 
 def _read_holder(fd: int) -> str:

@@ -9,8 +9,10 @@ file is kept as ``index.sqlite.broken-<time>`` when it existed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,7 +21,13 @@ from typing import Any
 from . import summaries
 from .backend import PARTIAL_SUFFIX, Backend, LocalBackend, fsync_path
 from .delta import MAX_CHAIN_HOPS
-from .errors import CorruptionError, FormatVersionError, InvalidStoreError
+from .errors import (
+    CorruptionError,
+    DeltackptError,
+    FormatVersionError,
+    InvalidStoreError,
+    StorageError,
+)
 from .hashing import unpack_ids
 from .index import Index, chunked
 from .lock import WriterLock
@@ -45,7 +53,7 @@ class ReindexResult:
 
 def reindex(path: str | os.PathLike, lock_timeout: float = 0.0) -> ReindexResult:
     """Rebuild ``<path>/index.sqlite`` from packs and manifests; see the module doc."""
-    from .store import CONFIG_NAME, FORMAT_VERSION, INDEX_NAME, LOCK_NAME, StoreConfig
+    from .store import CONFIG_NAME, StoreConfig
 
     root = os.path.abspath(os.fspath(path))
     cfg_path = os.path.join(root, CONFIG_NAME)
@@ -55,13 +63,29 @@ def reindex(path: str | os.PathLike, lock_timeout: float = 0.0) -> ReindexResult
         raise InvalidStoreError(f"{root}: {CONFIG_NAME} is not a regular file")
     with open(cfg_path, encoding="utf-8") as f:
         StoreConfig.from_json(json.load(f), root)
+    try:
+        return _reindex_locked(root, lock_timeout)
+    except DeltackptError:
+        raise
+    except (OSError, sqlite3.Error) as exc:  # a full disk, a read-only mount
+        code = getattr(exc, "errno", None)
+        msg = (f"{root}: reindex failed: {getattr(exc, 'strerror', None) or exc}; the index "
+               "in place (if any) is unchanged")
+        raise (StorageError(code, msg) if code else StorageError(msg)) from exc
+
+
+def _reindex_locked(root: str, lock_timeout: float) -> ReindexResult:
+    from .store import FORMAT_VERSION, INDEX_NAME, LOCK_NAME
+
     lock = WriterLock(os.path.join(root, LOCK_NAME))
     lock.acquire(lock_timeout)
     backend = LocalBackend(root)
     result = ReindexResult()
+    index_path = os.path.join(root, INDEX_NAME)
+    tmp_path = index_path + ".rebuild"
+    idx: Index | None = None
+    moved_aside = False
     try:
-        index_path = os.path.join(root, INDEX_NAME)
-        tmp_path = index_path + ".rebuild"
         for p in (tmp_path, tmp_path + "-wal", tmp_path + "-shm"):
             if os.path.exists(p):
                 os.unlink(p)
@@ -80,12 +104,22 @@ def reindex(path: str | os.PathLike, lock_timeout: float = 0.0) -> ReindexResult
                 n += 1  # a second reindex within the second must not overwrite the first
             result.old_index = aside if n == 1 else f"{aside}-{n}"
             os.replace(index_path, result.old_index)
+            moved_aside = True
         for suffix in ("-wal", "-shm"):
             if os.path.exists(index_path + suffix):
                 os.unlink(index_path + suffix)
         os.replace(tmp_path, index_path)
         backend.mark_dir_dirty(root)
         backend.sync()
+    except BaseException:
+        if idx is not None:
+            with contextlib.suppress(Exception):
+                idx.close()
+        if not moved_aside:  # (after that, the complete new index is the one to keep)
+            for p in (tmp_path, tmp_path + "-wal", tmp_path + "-shm"):
+                with contextlib.suppress(OSError):
+                    os.unlink(p)  # a half-built index is nobody's
+        raise
     finally:
         backend.close()
         lock.release()

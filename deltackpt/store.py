@@ -224,9 +224,11 @@ class Store:
         try:
             self._index = Index(index_path, durable=backend.durable)
         except sqlite3.Error as exc:
-            # e.g. "attempt to write a readonly database": SQLite names no file
-            raise StorageError(f"{location}: cannot open the index {index_path}: {exc} "
-                               "(the store's directory must be writable)") from exc
+            # e.g. "attempt to write a readonly database": SQLite names no file. Opening
+            # creates index.sqlite-wal/-shm beside it, readers too (format.md §18)
+            raise StorageError(f"{location}: cannot open the index {index_path}: {exc} (SQLite "
+                               "creates its -wal and -shm files beside it, even to read: the "
+                               "store's directory must be writable and have free space)") from exc
         self._index.check_version()
         self._lock = WriterLock(lock_path) if lock_path else None
         # opening an up-to-date index writes nothing: readers must not queue behind a writer
@@ -892,10 +894,12 @@ class Store:
         except CorruptionError as exc:
             raise CorruptionError(f"{label}: {exc}") from None
         except OSError as exc:
-            if exc.errno != errno.ELOOP:
-                raise
-            raise CorruptionError(f"{label}: {loc.pack} is a symbolic link; a store never "
-                                  "holds one and deltackpt does not follow it") from None
+            if exc.errno == errno.ELOOP:
+                raise CorruptionError(f"{label}: {loc.pack} is a symbolic link; a store never "
+                                      "holds one and deltackpt does not follow it") from None
+            # EIO, EMFILE...: name the store, block and pack (verify lists it as a problem)
+            msg = f"{label}: reading {loc.pack} failed: {exc.strerror or exc}"
+            raise (StorageError(exc.errno, msg) if exc.errno else StorageError(msg)) from exc
 
     # -- verify ---------------------------------------------------------------
     def verify(self, step: int | None = None, progress: Any = None) -> VerifyResult:
@@ -2189,14 +2193,20 @@ def open_store(
             raise InvalidStoreError(f"{root}: directory exists, is not empty and holds no "
                                     f"{CONFIG_NAME}; refusing to create a store in it")
         cfg = _new_config(block_size, hash, level, delta)
-        # the new root's entry (and any new parent's) must be durable too
-        filesystem = LocalBackend(os.path.abspath(os.sep), durable=fsync)
-        filesystem.ensure_dir(os.path.abspath(root))
-        filesystem.sync()
-        backend = LocalBackend(root, durable=fsync)
-        backend.put(CONFIG_NAME, json.dumps(cfg.to_json(), indent=2).encode() + b"\n")
-        backend.sync()
-        backend.close()
+        try:
+            # the new root's entry (and any new parent's) must be durable too
+            filesystem = LocalBackend(os.path.abspath(os.sep), durable=fsync)
+            filesystem.ensure_dir(os.path.abspath(root))
+            filesystem.sync()
+            backend = LocalBackend(root, durable=fsync)
+            backend.put(CONFIG_NAME, json.dumps(cfg.to_json(), indent=2).encode() + b"\n")
+            backend.sync()
+            backend.close()
+        except DeltackptError:
+            raise
+        except OSError as exc:  # a full disk, a read-only mount, a name too long...
+            msg = f"{root}: cannot create the store: {exc.strerror or exc}"
+            raise (StorageError(exc.errno, msg) if exc.errno else StorageError(msg)) from exc
     index_path = os.path.join(root, INDEX_NAME)
     if (os.path.isdir(os.path.join(root, "packs")) or
             os.path.isdir(os.path.join(root, "manifests"))):

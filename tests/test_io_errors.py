@@ -15,6 +15,7 @@ import errno
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -233,3 +234,162 @@ def test_a_filesystem_that_fills_up(small_fs):
         s.save(big_state(step), step)
         for a in [*acked, step]:
             assert_state_equal(s.load(a), big_state(a))
+
+
+# -- found by the session-8 review of misbehaving storage ----------------------------------
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_full_disk_while_taking_the_lock_does_not_keep_the_store_locked(tmp_path,
+                                                                          monkeypatch):
+    """The holder's pid is written into the lock file for messages only: failing to write
+    it (ENOSPC) must not leave the flock taken by a writer that never became one."""
+    import deltackpt.lock as lock_mod
+
+    path = tmp_path / "s"
+    with deltackpt.open(path) as s:
+        s.save(state(1), step=1)
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(lock_mod.os, "pwrite", full)
+    with deltackpt.open(path) as s:
+        s.save(state(2), step=2)  # the lock works, only its text is missing
+    monkeypatch.undo()
+    with deltackpt.open(path) as s:  # released at close: another writer gets it
+        s.delete(1)
+        assert s.steps() == [2]
+
+
+def test_a_failing_flock_does_not_leak_its_descriptor(tmp_path, monkeypatch):
+    import deltackpt.lock as lock_mod
+
+    path = tmp_path / "s"
+    deltackpt.open(path).close()
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(lock_mod.fcntl, "flock", no_locks)
+    store = deltackpt.open(path)
+    before = _open_fds()
+    for _ in range(5):
+        with pytest.raises(StorageError, match="No locks available"):
+            store.save(state(1), step=1)
+    assert _open_fds() == before
+    store.close()
+
+
+def test_a_read_error_names_the_store_and_pack_and_verify_lists_it(tmp_path, monkeypatch):
+    import deltackpt.backend as backend_mod
+
+    path = tmp_path / "s"
+    with deltackpt.open(path) as s:
+        s.save(state(1), step=1)
+    real = backend_mod.os.pread
+
+    def eio(fd, n, off):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(backend_mod.os, "pread", eio)
+    with deltackpt.open(path) as s:
+        with pytest.raises(StorageError, match=r"step 1.*reading packs/.*Input/output") as ei:
+            s.load(1)
+        assert ei.value.errno == errno.EIO and str(path) in str(ei.value)
+        result = s.verify()  # never raises for what it finds
+        assert not result.ok and any("Input/output" in p for p in result.problems)
+        monkeypatch.setattr(backend_mod.os, "pread", real)
+        assert_state_equal(s.load(1), state(1))
+        assert s.verify().ok
+
+
+def test_many_packs_read_by_many_threads_through_a_small_fd_cache(tmp_path):
+    """An fd evicted from the reader's cache while another thread reads through it is
+    closed by that reader, never under it (its number could be reused for another pack
+    and the read return that pack's bytes)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    path = tmp_path / "s"
+    states = {}
+    with deltackpt.open(path, block_size=4096, delta="none") as s:
+        for step in range(12):  # a pack per save
+            states[step] = {"w": det_floats((3000,), step), "v": det_floats((1500,), 100 + step)}
+            s.save(states[step], step=step)
+    with deltackpt.open(path, threads=4) as s:
+        s.backend._max_open = 2
+
+        def check(step: int) -> None:
+            assert_state_equal(s.load(step), states[step])
+
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(check, [i % 12 for i in range(96)]))
+        assert s.verify().ok
+
+
+def test_loads_under_a_low_file_descriptor_limit(tmp_path):
+    """More packs than the process may open at once: the fd cache gives back what it holds
+    and retries instead of failing with EMFILE."""
+    path = tmp_path / "s"
+    with deltackpt.open(path, block_size=4096, delta="none") as s:
+        for step in range(80):
+            s.save({"w": det_floats((1024,), step)}, step=step)
+    script = (
+        "import resource, sys, deltackpt, torch\n"
+        "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+        "base = len(__import__('os').listdir('/proc/self/fd'))\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (base + 24, hard))\n"
+        f"s = deltackpt.open({str(path)!r}, threads=1)\n"
+        "state = s.load(select=None)\n"
+        "assert all(s.load(i)['w'].numel() == 1024 for i in range(80))\n"
+        "assert s.verify().ok\n"
+        "print('ok')\n")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def test_creating_a_store_where_the_filesystem_refuses_names_the_path(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(StorageError, match=r"file/store: cannot create the store"):
+        deltackpt.open(blocker / "store")
+
+
+def test_a_failing_reindex_names_the_store_and_leaves_nothing_behind(tmp_path, monkeypatch):
+    import sqlite3
+
+    import deltackpt.reindex as reindex_mod
+
+    path = tmp_path / "s"
+    with deltackpt.open(path) as s:
+        s.save(state(1), step=1)
+
+    def full(*a, **k):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(reindex_mod, "rebuild_into", full)
+    with pytest.raises(StorageError, match=r"reindex failed: database or disk is full"):
+        reindex_mod.reindex(path)
+    assert not [n for n in os.listdir(path) if ".rebuild" in n]
+    monkeypatch.undo()
+    with deltackpt.open(path) as s:  # the index in place is unchanged, the lock free
+        s.save(state(2), step=2)
+        assert s.steps() == [1, 2]
+
+
+def test_a_pt_export_that_fails_to_write_is_a_storage_error(tmp_path, monkeypatch):
+    import deltackpt.export as export_mod
+
+    path = tmp_path / "s"
+    with deltackpt.open(path) as s:
+        s.save({"model": {"w": det_floats((10,), 1)}}, step=1)
+
+        def full(obj, f, *a, **k):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] unexpected pos 832")
+
+        monkeypatch.setattr(export_mod.torch, "save", full)
+        with pytest.raises(StorageError, match=r"m\.pt: writing the file failed"):
+            s.export(tmp_path / "m.pt", 1)
+        assert not list(tmp_path.glob("m.pt*"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as _dt
 import functools
 import json
+import sqlite3
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 import click
 
 from .. import open_store
-from ..errors import DeltackptError, exit_code_for
+from ..errors import DeltackptError, StorageError, exit_code_for
 
 
 def when(ts: float) -> str:
@@ -65,6 +66,10 @@ def handle_errors(fn: Callable) -> Callable:
             # directory should be, permissions, a full disk): it names the path
             click.echo(f"deltackpt: error: {exc}", err=True)
             sys.exit(2)
+        except sqlite3.Error as exc:  # the index on a full or failing disk
+            path = kwargs.get("path") or (args[0] if args else "")
+            click.echo(f"deltackpt: error: {path}: the index (SQLite): {exc}", err=True)
+            sys.exit(exit_code_for(StorageError(str(exc))))
 
     return wrapper
 
