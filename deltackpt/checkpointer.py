@@ -441,6 +441,11 @@ class Checkpointer:
         them once the state is restored, so the run saves its new history under the same
         step numbers (a later ``resume()`` would otherwise load the newest, abandoned one).
         """
+        with self._save_lock:  # no save from another thread runs beside a restore
+            return self._resume(step, map_location, strict, discard_newer)
+
+    def _resume(self, step: int | None, map_location: Any, strict: bool,
+                discard_newer: bool) -> int:
         self.wait()
         if step is None:
             step = self._store.latest()
@@ -593,12 +598,16 @@ class Checkpointer:
                     self._error = (record, "committed" if record.committed else "save", exc)
 
     def _drain(self) -> None:
-        """Wait for the in-flight save, if any (its errors are kept for _raise_pending)."""
+        """Wait for the in-flight save, if any (its errors are kept for _raise_pending).
+        Callers hold ``_save_lock``: a save submitted meanwhile from another thread must
+        not be taken for this one (the next snapshot would overwrite the host buffers
+        that save still encodes)."""
         fut = self._inflight
         if fut is not None:
             fut.result()  # _job never raises
-            self._inflight = None
-            self._pending = self._pending_record = None
+            if self._inflight is fut:
+                self._inflight = None
+                self._pending = self._pending_record = None
 
     def _raise_pending(self) -> None:
         with self._lock:
@@ -628,8 +637,9 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Block until the in-flight save (and its retention) is done; raise its failure."""
-        self._drain()
-        self._raise_pending()
+        with self._save_lock:
+            self._drain()
+            self._raise_pending()
 
     def best_step(self, metric: str, mode: str = "min") -> int | None:
         """The committed step with the best ``metric`` (ties: latest; NaN never wins)."""
@@ -641,19 +651,20 @@ class Checkpointer:
 
         Raises :class:`BackgroundSaveError` if that save failed. Idempotent.
         """
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            self._drain()
-        finally:
-            if self._executor is not None:
-                self._executor.shutdown(wait=True)
-                self._executor = None
-            self._snapshot.release()
-            if self._owns_store:
-                self._store.close()
-        self._raise_pending()
+        with self._save_lock:  # a save from another thread finishes its snapshot first
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                self._drain()
+            finally:
+                if self._executor is not None:
+                    self._executor.shutdown(wait=True)
+                    self._executor = None
+                self._snapshot.release()
+                if self._owns_store:
+                    self._store.close()
+            self._raise_pending()
 
     def __enter__(self) -> Checkpointer:
         return self

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -133,9 +134,28 @@ def diff(store: Store, a: int, b: int, *, data: bool = True,
     by the bytes of B's entries compared. Returns ``{"a", "b", "entries", "added",
     "removed", "retyped", "total"}``.
     """
+    store._check_open()
+    with store._closing_race():
+        for attempt in range(3):
+            packs_before = store._index.query(_PACKS_SQL)
+            try:
+                return _diff_once(store, a, b, data, select, progress)
+            except (FileNotFoundError, CorruptionError):
+                # a concurrent gc rewrote a pack this plan read from: plan again, unless
+                # no pack came or went (then the damage is real)
+                if attempt == 2 or store._index.query(_PACKS_SQL) == packs_before:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+_PACKS_SQL = "SELECT COUNT(*), MAX(id), SUM(size) FROM packs"
+
+
+def _diff_once(store: Store, a: int, b: int, data: bool,
+               select: Sequence[str] | str | None, progress: Any) -> dict[str, Any]:
     from .store import _Decoder
 
-    store._check_open()
     a, b = store._step_arg(a), store._step_arg(b)
     sel = [select] if isinstance(select, str) else (list(select) if select else None)
     with store._index.read() as conn:

@@ -327,9 +327,29 @@ def iter_entries(store: Store, step: int | None = None,
 
     Holds about ``window`` bytes of decoded entries at once instead of the whole step;
     see :class:`StepReader`.
+    A concurrent ``gc`` that rewrites a pack this plan reads from is met by planning the
+    entries not yet yielded again (twice at most, and only when packs did change).
     """
-    reader = StepReader(store, [step], select)
-    yield from reader.iter_entries(reader.steps[0], window)
+    packs_sql = "SELECT COUNT(*), MAX(id), SUM(size) FROM packs"
+    done: set[int] = set()
+    with store._closing_race():
+        for attempt in range(3):
+            packs_before = store._index.query(packs_sql)
+            reader = StepReader(store, [step], select)
+            step = s = reader.steps[0]
+            todo = [e for e in reader.entries[s] if e.idx not in done]
+            try:
+                for e, out in reader.iter_raw(s, todo, window=window):
+                    done.add(e.idx)
+                    yield e.path, finish_output(e.kind, out, e.attrs,
+                                                f"{store.location}: step {s}, entry '{e.path}'")
+                return
+            except (FileNotFoundError, CorruptionError):
+                if s not in store:
+                    raise store._not_found(s) from None
+                if attempt == 2 or store._index.query(packs_sql) == packs_before:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
 
 
 # -- export -----------------------------------------------------------------------------

@@ -129,6 +129,21 @@ class PackWriter:
         self.finished = []
 
 
+def pack_frame_bytes(backend: Backend, pack: str, size: int) -> int:
+    """Bytes of a pack's frames: its size less the magic and, when its footer checks out,
+    the pack index and footer (a pack without one is all frames after the magic)."""
+    if size >= len(PACK_MAGIC) + FOOTER_SIZE:
+        try:
+            magic, index_offset, index_len, _ = _FOOTER.unpack(
+                backend.read(pack, size - FOOTER_SIZE, FOOTER_SIZE))
+        except (OSError, ValueError, struct.error):  # CorruptionError is a ValueError
+            magic = b""
+        if magic == PACK_INDEX_MAGIC and len(PACK_MAGIC) <= index_offset and \
+                index_offset + index_len + FOOTER_SIZE == size:
+            return index_offset - len(PACK_MAGIC)
+    return max(0, size - len(PACK_MAGIC))
+
+
 def read_pack_index(backend: Backend, pack: str,
                     size: int | None = None) -> list[tuple[FrameInfo, int]] | None:
     """The frames of a pack as its pack index lists them, or None when the pack has no

@@ -69,6 +69,7 @@ from .packs import (
     decode_manifest,
     encode_manifest,
     manifest_name,
+    pack_frame_bytes,
     read_pack_index,
 )
 from .results import EntryInfo, GcResult, SaveResult, StepInfo, VerifyResult
@@ -189,9 +190,6 @@ def _committed(store: Store, step: Any) -> bool:
         return True  # unknown: claim nothing
 
 
-#: bytes a pack may hold beyond its live frames (plus 96 per frame) and not be repacked
-_REPACK_SLACK = 4096
-
 #: what changes when a writer commits a save, delete, thin or gc: verify compares it before
 #: and after reading objects that a concurrent delete or gc may remove
 _CHANGES_SQL = ("SELECT (SELECT COUNT(*) FROM steps), (SELECT TOTAL(step) FROM steps), "
@@ -285,7 +283,22 @@ class Store:
         if self._closed:
             raise StoreClosedError(f"{self.location}: the store is closed")
 
+    @contextlib.contextmanager
+    def _closing_race(self) -> Iterator[None]:
+        """Reads take no lock: one that close() overtook (its pool shut down, its index
+        or files closed under it) raises StoreClosedError, not what that left behind."""
+        try:
+            yield
+        except Exception as exc:
+            if self._closed and not isinstance(exc, StoreClosedError):
+                raise StoreClosedError(f"{self.location}: the store was closed during the "
+                                       "call") from exc
+            raise
+
     def _become_writer(self) -> None:
+        # callers hold _mutex, as close() does: a store closed while they waited for it
+        # must not take the writer lock back (nothing would release it)
+        self._check_open()
         if self._lock is not None and not self._lock.held:
             self._lock.acquire(self._lock_timeout)
 
@@ -736,6 +749,11 @@ class Store:
         reads only their blocks.
         """
         self._check_open()
+        with self._closing_race():
+            return self._load_retrying(step, map_location, select)
+
+    def _load_retrying(self, step: int | None, map_location: Any,
+                       select: Sequence[str] | str | None) -> Any:
         if isinstance(select, str):
             select = [select]
         packs_sql = "SELECT COUNT(*), MAX(id), SUM(size) FROM packs"
@@ -914,11 +932,12 @@ class Store:
         is reported.
         """
         self._check_open()
-        for attempt in range(3):
-            before = self._index.query(_CHANGES_SQL)
-            result = self._verify_once(step, progress if attempt == 0 else None)
-            if result.ok or attempt == 2 or self._index.query(_CHANGES_SQL) == before:
-                return result
+        with self._closing_race():
+            for attempt in range(3):
+                before = self._index.query(_CHANGES_SQL)
+                result = self._verify_once(step, progress if attempt == 0 else None)
+                if result.ok or attempt == 2 or self._index.query(_CHANGES_SQL) == before:
+                    return result
         raise AssertionError("unreachable")
 
     def _verify_once(self, step: int | None, progress: Any) -> VerifyResult:
@@ -1211,7 +1230,6 @@ class Store:
             dead: list[bytes] = []
             for bid, pid, length, name, size in rows:
                 pk = packs.setdefault(pid, {"name": name, "size": size, "live": 0, "blocks": []})
-                pk["frames"] = pk.get("frames", 0) + 1
                 if bid in live:
                     pk["live"] += length
                     pk["blocks"].append(bid)
@@ -1222,11 +1240,11 @@ class Store:
             crash_point("gc:after-scan")
             freed = 0
             empty = [pid for pid, pk in packs.items() if pk["live"] == 0]
-            # a pack's own bytes (magic, pack index: < 64 per frame) are no waste: without
-            # the slack a threshold near 1 would rewrite fully live packs at every gc
+            # a pack's own bytes (magic, pack index, footer) are no waste: counted, a
+            # threshold near 1 would rewrite fully live packs at every gc
             sparse = [pid for pid, pk in packs.items()
                       if pk["live"] and pk["live"] < repack_threshold * pk["size"]
-                      and pk["size"] - pk["live"] > _REPACK_SLACK + 96 * pk.get("frames", 0)]
+                      and pk["live"] < pack_frame_bytes(self.backend, pk["name"], pk["size"])]
             with self._index.write() as conn:
                 for batch in chunked(dead, 500):
                     marks = ",".join("?" * len(batch))

@@ -994,3 +994,54 @@ def test_metrics_that_are_not_one_number_name_the_metric(store_path):
     with Checkpointer(store_path, model=small_model()) as ck, \
             pytest.raises(TypeError, match="metric 'val' must be a single number"):
         ck.step(1, metrics={"val": torch.tensor([0.1, 0.2])})
+
+
+def test_wait_from_another_thread_never_lets_a_save_overwrite_buffers_in_use(store_path):
+    """One thread saves asynchronously while another calls wait() in a loop: wait() must
+    not take the next save's future for the one it waited on (the save after it would then
+    snapshot into host buffers a background save still encodes: damaged or wrong steps)."""
+    import sys
+
+    def weights(step: int) -> torch.Tensor:
+        return torch.randn(16 * 1024, generator=torch.Generator().manual_seed(step))
+
+    model = torch.nn.Module()
+    model.w = torch.nn.Parameter(torch.zeros(16 * 1024), requires_grad=False)
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # switch threads often: the race shows in a few saves
+    try:
+        ck = Checkpointer(store_path, model=model, rng=False,
+                          store_options={"block_size": 4096, "fsync": False})
+        stop = threading.Event()
+        errors: list[BaseException] = []
+
+        def saver() -> None:
+            try:
+                for step in range(1, 101):
+                    model.w.data.copy_(weights(step))
+                    ck.save(step)
+                    model.w.data.fill_(-1.0)  # training goes on
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+            finally:
+                stop.set()
+
+        def waiter() -> None:
+            while not stop.is_set():
+                ck.wait()
+
+        threads = [threading.Thread(target=saver), threading.Thread(target=waiter)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        ck.close()
+    finally:
+        sys.setswitchinterval(old)
+    assert not errors
+    with deltackpt.open(store_path) as s:
+        assert s.steps() == list(range(1, 101))
+        for step in s.steps():
+            assert torch.equal(s.load(step)["model"]["w"].view(torch.int32),
+                               weights(step).view(torch.int32)), step
+        assert s.verify().ok

@@ -331,3 +331,102 @@ def test_verify_beside_a_writer_reports_no_damage_that_a_delete_and_gc_caused(tm
     result = verifier.verify()
     assert not result.ok and result.damaged_steps == [4]
     verifier.close()
+
+
+def test_a_close_overtaking_a_waiting_writer_does_not_leave_the_lock_taken(tmp_path):
+    """delete/thin/gc that waited for the store's mutex while another thread closed the
+    store raise StoreClosedError and never take the writer lock back (nothing would
+    release it: every other writer got StoreLockedError until the process exited)."""
+    path = tmp_path / "s"
+    with deltackpt.open(path) as s:
+        s.save(state(1), step=1)
+        s.save(state(2), step=2)
+    for op in (lambda s: s.delete(1), lambda s: s.thin(1, "model"), lambda s: s.gc()):
+        store = deltackpt.open(path)
+        errors = []
+        with store._mutex:  # the op passes its first check, then waits here
+            t = threading.Thread(target=lambda o=op, st=store, e=errors: e.append(_raises(o, st)))
+            t.start()
+            time.sleep(0.1)
+            store.close()  # the same thread may take the RLock again
+        t.join(10)
+        assert errors and isinstance(errors[0], deltackpt.StoreClosedError), errors
+        with deltackpt.open(path) as other:  # the lock is free
+            other.save(state(3), step=3)
+            other.delete(3)
+
+
+def _raises(fn, *args):
+    try:
+        fn(*args)
+    except Exception as exc:
+        return exc
+    return None
+
+
+def test_reads_overtaken_by_close_raise_store_closed_error(tmp_path, monkeypatch):
+    import deltackpt.store as store_mod
+    from deltackpt import diff as diff_mod
+    from deltackpt.export import iter_entries
+
+    path = tmp_path / "s"
+    with deltackpt.open(path) as s:
+        s.save(state(1), step=1)
+        s.save(state(2), step=2)
+    real = store_mod.Store._locate
+    calls = [
+        ("load", lambda s: s.load(1)),
+        ("verify", lambda s: s.verify()),
+        ("diff", lambda s: diff_mod.diff(s, 1, 2)),
+        ("iter_entries", lambda s: list(iter_entries(s, 1, select=None))),
+    ]
+    for _name, call in calls:
+        store = deltackpt.open(path)
+
+        def closing(self, *a, **k):
+            self.close()  # close() overtakes the read: pool, index and files go under it
+            return real(self, *a, **k)
+
+        monkeypatch.setattr(store_mod.Store, "_locate", closing)
+        with pytest.raises(deltackpt.StoreClosedError, match="closed during the call"):
+            call(store)
+        monkeypatch.setattr(store_mod.Store, "_locate", real)
+
+
+@pytest.mark.parametrize("reader", ["diff", "iter_entries"])
+def test_diff_and_iter_entries_plan_again_after_a_concurrent_repack(tmp_path, monkeypatch,
+                                                                   reader):
+    import deltackpt.store as store_mod
+    from deltackpt import diff as diff_mod
+    from deltackpt.export import iter_entries
+
+    path = tmp_path / "s"
+
+    def shared_state(step: int) -> dict:  # "shared" lives in step 1's pack for all steps
+        return {"shared": det_floats((30000,), 0), "own": det_floats((30000,), step)}
+
+    with deltackpt.open(path, block_size=4096, delta="none") as s:
+        for step in range(1, 5):
+            s.save(shared_state(step), step=step)
+    real = store_mod._Decoder.__init__
+    fired = []
+
+    def repack_after_planning(self, store, *a, **k):
+        real(self, store, *a, **k)
+        if not fired:  # the plan is made: its packs are rewritten before it reads them
+            fired.append(1)
+            store.delete(1)
+            assert store.gc(repack_threshold=1.0).packs_rewritten == 1
+
+    monkeypatch.setattr(store_mod._Decoder, "__init__", repack_after_planning)
+    with deltackpt.open(path) as s:
+        if reader == "diff":
+            result = diff_mod.diff(s, 2, 4)
+            assert result["total"]["entries"] > 0
+        else:
+            got = dict(iter_entries(s, 4, select=None))
+            expected = shared_state(4)
+            assert list(got) == list(expected)
+            for k in expected:
+                assert_state_equal(got[k], expected[k])
+    assert fired
