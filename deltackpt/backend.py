@@ -215,6 +215,8 @@ class LocalBackend:
         self._evicted: set[int] = set()
         self._lock = threading.Lock()
         self._max_open = max_open
+        #: set by close(): a read that close() overtook must not cache a new fd
+        self._closed = False
         #: directories whose entry in their parent this instance has made durable
         self._durable_dirs: set[str] = set()
         self._unconfirmed: set[str] = set()
@@ -295,6 +297,8 @@ class LocalBackend:
     def _fd(self, name: str) -> int:
         """An fd of ``name`` from the cache, counted as in use until :meth:`_done`."""
         with self._lock:
+            if self._closed:
+                raise ValueError(f"{self.root}: the backend is closed")
             fd = self._fds.get(name)
             if fd is not None:
                 self._fds.move_to_end(name)
@@ -317,6 +321,9 @@ class LocalBackend:
             os.close(fd)
             raise CorruptionError(f"{path}: not a regular file; a store holds only files here")
         with self._lock:
+            if self._closed:
+                os.close(fd)
+                raise ValueError(f"{self.root}: the backend is closed")
             if name in self._fds:  # another thread won the race
                 os.close(fd)
                 fd = self._fds[name]
@@ -450,6 +457,7 @@ class LocalBackend:
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             fds, self._fds = list(self._fds.values()), OrderedDict()
             for fd in fds:
                 self._close_locked(fd)

@@ -139,7 +139,7 @@ def diff(store: Store, a: int, b: int, *, data: bool = True,
         for attempt in range(3):
             packs_before = store._index.query(_PACKS_SQL)
             try:
-                return _diff_once(store, a, b, data, select, progress)
+                return _diff_once(store, a, b, data, select, progress if attempt == 0 else None)
             except (FileNotFoundError, CorruptionError):
                 # a concurrent gc rewrote a pack this plan read from: plan again, unless
                 # no pack came or went (then the damage is real)

@@ -433,7 +433,9 @@ def export(
     else:
         raise InvalidInputError(f"{out}: export to a .safetensors or .pt file, or to a "
                                 "directory with max_shard_size")
+    packs_sql = "SELECT COUNT(*), MAX(id), SUM(size) FROM packs"
     for attempt in range(3):
+        packs_before = store._index.query(packs_sql)
         try:
             t0 = time.perf_counter()
             if kind == "pt":
@@ -447,8 +449,8 @@ def export(
             # a concurrent gc may have moved frames we planned to read: plan again
             if step is not None and step not in store:
                 raise store._not_found(step) from None
-            if attempt == 2:
-                raise
+            if attempt == 2 or store._index.query(packs_sql) == packs_before:
+                raise  # no pack came or went: the damage is real
             time.sleep(0.05 * (attempt + 1))
         except DeltackptError:
             raise

@@ -70,7 +70,8 @@ def reindex(path: str | os.PathLike, lock_timeout: float = 0.0) -> ReindexResult
     except (OSError, sqlite3.Error) as exc:  # a full disk, a read-only mount
         code = getattr(exc, "errno", None)
         msg = (f"{root}: reindex failed: {getattr(exc, 'strerror', None) or exc}; the index "
-               "in place (if any) is unchanged")
+               "in place (if any) is unchanged, or kept as index.sqlite.broken-* if the "
+               "failure came after it was set aside: run reindex again once this is fixed")
         raise (StorageError(code, msg) if code else StorageError(msg)) from exc
 
 

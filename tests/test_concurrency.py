@@ -10,6 +10,7 @@ deletes (retention) and collects garbage: every read is bit-exact or a clean
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -380,17 +381,28 @@ def test_reads_overtaken_by_close_raise_store_closed_error(tmp_path, monkeypatch
         ("diff", lambda s: diff_mod.diff(s, 1, 2)),
         ("iter_entries", lambda s: list(iter_entries(s, 1, select=None))),
     ]
-    for _name, call in calls:
-        store = deltackpt.open(path)
+    def open_pack_fds() -> list[str]:
+        out = []
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/self/fd/{fd}")
+                if target.startswith(str(path)) and target.endswith(".pack"):
+                    out.append(target)
+        return out
 
-        def closing(self, *a, **k):
-            self.close()  # close() overtakes the read: pool, index and files go under it
-            return real(self, *a, **k)
+    for threads in (1, 2):  # one thread: blocks are read in the caller's thread
+        for _name, call in calls:
+            store = deltackpt.open(path, threads=threads)
 
-        monkeypatch.setattr(store_mod.Store, "_locate", closing)
-        with pytest.raises(deltackpt.StoreClosedError, match="closed during the call"):
-            call(store)
-        monkeypatch.setattr(store_mod.Store, "_locate", real)
+            def closing(self, *a, **k):
+                self.close()  # close() overtakes the read: pool, index and files go under it
+                return real(self, *a, **k)
+
+            monkeypatch.setattr(store_mod.Store, "_locate", closing)
+            with pytest.raises(deltackpt.StoreClosedError, match="closed during the call"):
+                call(store)
+            monkeypatch.setattr(store_mod.Store, "_locate", real)
+            assert open_pack_fds() == []  # the closed backend opened none behind close()
 
 
 @pytest.mark.parametrize("reader", ["diff", "iter_entries"])
@@ -430,3 +442,27 @@ def test_diff_and_iter_entries_plan_again_after_a_concurrent_repack(tmp_path, mo
             for k in expected:
                 assert_state_equal(got[k], expected[k])
     assert fired
+
+
+def test_a_read_overtaken_by_close_opens_no_pack_behind_it(tmp_path, monkeypatch):
+    """With one thread a load reads its frames in the caller's thread: once close() has
+    closed the backend, the read must not open (and cache, for ever) a new pack fd."""
+    import deltackpt.store as store_mod
+
+    path = tmp_path / "s"
+    with deltackpt.open(path) as s:
+        s.save(state(1), step=1)
+    real = store_mod.Store._decode_blocks
+
+    def closing(self, *a, **k):
+        self.close()  # the plan is made, no frame read yet
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(store_mod.Store, "_decode_blocks", closing)
+    store = deltackpt.open(path, threads=1)
+    with pytest.raises(deltackpt.StoreClosedError, match="closed during the call"):
+        store.load(1)
+    assert not store.backend._fds
+    packs = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+             if os.path.exists(f"/proc/self/fd/{fd}")]
+    assert not [p for p in packs if p.startswith(str(path)) and p.endswith(".pack")]
