@@ -200,8 +200,10 @@ _CHANGES_SQL = ("SELECT (SELECT COUNT(*) FROM steps), (SELECT TOTAL(step) FROM s
 class Store:
     """A deltackpt store. Make one with :func:`deltackpt.open`.
 
-    Thread-safe: saves, deletes and gc are serialised; loads may run beside them.
-    Closing releases the writer lock, the index and the worker threads.
+    Thread-safe: saves, deletes and gc are serialised; loads may run beside them (and
+    plan again when a gc moved what they were about to read). Closing releases the
+    writer lock, the index and the worker threads; a call that close() overtakes raises
+    :class:`StoreClosedError`.
     """
 
     def __init__(
