@@ -29,11 +29,15 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWa
 OPTS = {"threads": 1, "block_size": 4096}
 
 
-def _state(rank: int, step: int, name: str | None = None) -> dict:
-    """Rank ``rank``'s part of the state at ``step``: a few blocks change every step."""
+def _state(rank: int, step: int, name: str | None = None, junk: bool = False) -> dict:
+    """Rank ``rank``'s part of the state at ``step``: a few blocks change every step
+    (``junk``: one more entry, written beside them, for a test to thin away)."""
     w = det_floats((64, 256), 10 + rank)            # 16 blocks of 4 KiB
     w[::7] += step * 1e-3
-    return {name or f"r{rank}": {"w": w, "m": det_floats((1024,), 20 + rank) * step}}
+    part = {"w": w, "m": det_floats((1024,), 20 + rank) * step}
+    if junk:
+        part["junk"] = det_floats((4096,), 30 + rank + 100 * step)
+    return {name or f"r{rank}": part}
 
 
 def _save(writers: list[StorageWriter], states: list[dict], step: int) -> None:
@@ -192,12 +196,14 @@ def test_repacked_bases_and_moved_keys(url, tmp_path):
     expected = {}
     writers = _writers(url, tmp_path)
     for step in (1, 2):
-        states = [_state(0, step), _state(1, step)]
+        # step 2 is step 1 without its junk: every block it keeps lives in step 1's packs
+        states = [_state(0, 1, junk=step == 1), _state(1, 1, junk=step == 1)]
         _save(writers, states, step)
         expected[step] = dict(enumerate(states))
     for w in writers:
         w.close()
-    # gc rewrites every pack with any dead frame: rank 1's bases move to new packs
+    # gc rewrites every pack with any dead frame: step 1's hold the dead junk, so rank 1's
+    # bases (step 2's blocks) move to new packs
     with deltackpt.open(url, cache_dir=str(tmp_path / "admin")) as s:
         s.delete(1)
         assert s.gc(repack_threshold=1.0).packs_rewritten
