@@ -143,7 +143,8 @@ def diff(store: Store, a: int, b: int, *, data: bool = True,
             except (FileNotFoundError, CorruptionError):
                 # a concurrent gc rewrote a pack this plan read from: plan again, unless
                 # no pack came or went (then the damage is real)
-                if attempt == 2 or store._index.query(_PACKS_SQL) == packs_before:
+                if attempt == 2 or (store._index.query(_PACKS_SQL) == packs_before
+                                    and not store._caught_up()):
                     raise
                 time.sleep(0.05 * (attempt + 1))
     raise AssertionError("unreachable")

@@ -347,7 +347,8 @@ def iter_entries(store: Store, step: int | None = None,
             except (FileNotFoundError, CorruptionError):
                 if s not in store:
                     raise store._not_found(s) from None
-                if attempt == 2 or store._index.query(packs_sql) == packs_before:
+                if attempt == 2 or (store._index.query(packs_sql) == packs_before
+                                    and not store._caught_up()):
                     raise
                 time.sleep(0.05 * (attempt + 1))
 
@@ -449,7 +450,8 @@ def export(
             # a concurrent gc may have moved frames we planned to read: plan again
             if step is not None and step not in store:
                 raise store._not_found(step) from None
-            if attempt == 2 or store._index.query(packs_sql) == packs_before:
+            if attempt == 2 or (store._index.query(packs_sql) == packs_before
+                                and not store._caught_up()):
                 raise  # no pack came or went: the damage is real
             time.sleep(0.05 * (attempt + 1))
         except DeltackptError:

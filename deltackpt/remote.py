@@ -777,6 +777,12 @@ class RemoteStore(Store):
                                          objects_deleted=result.objects_deleted + aborted)
         return result
 
+    def _caught_up(self) -> bool:
+        # another writer's delete or gc shows in the listing, not in this cache until it
+        # refreshes (verify, diff, iter_entries and export plan again when it changed)
+        self.refresh(check_packs=True)
+        return self.last_refresh != "none"
+
     def _load_once(self, step: int | None, map_location: Any, select: Any) -> Any:
         try:
             return super()._load_once(step, map_location, select)

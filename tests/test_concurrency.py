@@ -466,3 +466,38 @@ def test_a_read_overtaken_by_close_opens_no_pack_behind_it(tmp_path, monkeypatch
     packs = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
              if os.path.exists(f"/proc/self/fd/{fd}")]
     assert not [p for p in packs if p.startswith(str(path)) and p.endswith(".pack")]
+
+
+def test_a_long_open_remote_store_catches_up_before_calling_damage(tmp_path):
+    """Another process (another cache) deletes steps and repacks: a remote store that
+    stayed open refreshes its cache and plans again in verify, diff, iter_entries and
+    export, as load does, instead of reporting missing objects or FileNotFoundError."""
+    import uuid
+
+    from deltackpt import diff as diff_mod
+    from deltackpt.export import iter_entries
+
+    url = f"fsspec+memory://stale-{uuid.uuid4().hex[:8]}"
+
+    def shared_state(step: int) -> dict:  # "shared" lives in step 0's pack for all steps
+        return {"shared": det_floats((30000,), 0), "own": det_floats((30000,), 100 + step)}
+
+    with deltackpt.open(url, cache_dir=str(tmp_path / "w1"), block_size=4096,
+                        delta="none") as w:
+        for step in range(4):
+            w.save(shared_state(step), step=step)
+    reader = deltackpt.open(url, cache_dir=str(tmp_path / "reader"))
+    assert reader.steps() == [0, 1, 2, 3]
+    with deltackpt.open(url, cache_dir=str(tmp_path / "w2")) as w:
+        w.delete(0)
+        w.delete(1)
+        assert w.gc(repack_threshold=0.99).packs_rewritten
+    result = reader.verify()
+    assert result.ok, result.problems
+    assert result.steps_checked == 2
+    assert diff_mod.diff(reader, 2, 3)["total"]["entries"] == 2
+    got = dict(iter_entries(reader, 2, select=None))
+    assert_state_equal(got, {"shared": shared_state(2)["shared"], "own": shared_state(2)["own"]})
+    reader.export(tmp_path / "o.safetensors", step=3, select=None)
+    assert_state_equal(reader.load(3), shared_state(3))
+    reader.close()
