@@ -199,7 +199,7 @@ def _diff_once(store: Store, a: int, b: int, data: bool,
         pairs.append((row, old, e))
     delta_total = 0
     if data:
-        delta_total = _numbers(store, pairs, locations, progress, _Decoder)
+        delta_total = _numbers(store, pairs, locations, progress, _Decoder, (a, b))
     changed_rows = [r for r in rows if r["blocks_changed"]]
     total = {
         "entries": len(rows),
@@ -218,7 +218,7 @@ def _diff_once(store: Store, a: int, b: int, data: bool,
 
 
 def _numbers(store: Store, pairs: list[tuple[dict, _Entry, _Entry]], locations: dict,
-             progress: Any, decoder_cls: Any) -> int:
+             progress: Any, decoder_cls: Any, steps: tuple[int, int]) -> int:
     """Fill the numbers of each row; returns the delta bytes of the distinct changed
     blocks (a block two entries share, tied weights, is written once)."""
     cfg = store.config
@@ -244,10 +244,9 @@ def _numbers(store: Store, pairs: list[tuple[dict, _Entry, _Entry]], locations: 
     def job(item: tuple[int, int, bytes, bytes | None]):
         i, _, ia, ib = item
         _, _, new = pairs[i]
-        where = f"step diff, entry '{new.path}'"
         la = locations[ia].raw_len
         buf_a = np.empty(la, dtype=np.uint8)
-        decoder.decode_to(ia, buf_a, where)
+        decoder.decode_to(ia, buf_a, f"step {steps[0]}, entry '{new.path}'")
         conv = convs[i]
         va = conv(buf_a) if conv is not None else None
         sa = float((va.abs() ** 2).sum()) if va is not None else 0.0
@@ -255,7 +254,7 @@ def _numbers(store: Store, pairs: list[tuple[dict, _Entry, _Entry]], locations: 
             return i, 0.0, 0.0, sa, 0, la, None
         lb = locations[ib].raw_len
         buf_b = np.empty(lb, dtype=np.uint8)
-        decoder.decode_to(ib, buf_b, where)
+        decoder.decode_to(ib, buf_b, f"step {steps[1]}, entry '{new.path}'")
         sd = md = 0.0
         if va is not None and la == lb:
             nd = ints[i]

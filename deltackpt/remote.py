@@ -28,6 +28,7 @@ from typing import Any
 
 from .errors import (
     CorruptionError,
+    DeltackptError,
     FormatVersionError,
     InvalidStoreError,
     StorageError,
@@ -779,9 +780,15 @@ class RemoteStore(Store):
 
     def _caught_up(self) -> bool:
         # another writer's delete or gc shows in the listing, not in this cache until it
-        # refreshes (verify, diff, iter_entries and export plan again when it changed)
-        self.refresh(check_packs=True)
-        return self.last_refresh != "none"
+        # refreshes (verify, diff, iter_entries and export plan again when it changed).
+        # A refresh that lost steps found damage (a pack gone that a manifest needs), not
+        # someone else's change, and a refresh that fails must not replace the report of
+        # what the caller found: neither is a catch-up
+        try:
+            result = self.refresh(check_packs=True)
+        except (OSError, DeltackptError):
+            return False
+        return self.last_refresh != "none" and not result.steps_lost
 
     def _load_once(self, step: int | None, map_location: Any, select: Any) -> Any:
         try:

@@ -501,3 +501,55 @@ def test_a_long_open_remote_store_catches_up_before_calling_damage(tmp_path):
     reader.export(tmp_path / "o.safetensors", step=3, select=None)
     assert_state_equal(reader.load(3), shared_state(3))
     reader.close()
+
+
+def test_a_remote_store_that_lost_a_pack_reports_damage_not_a_catch_up(tmp_path,
+                                                                       monkeypatch):
+    """A pack object lost with no writer anywhere is damage: verify reports the step and
+    diff raises, naming the pack, instead of a refreshed cache that silently dropped the
+    step; a refresh that fails does not replace the report either."""
+    import uuid
+
+    from deltackpt import diff as diff_mod
+
+    url = f"fsspec+memory://lost-{uuid.uuid4().hex[:8]}"
+    with deltackpt.open(url, cache_dir=str(tmp_path / "w"), block_size=4096,
+                        delta="none") as w:
+        for step in range(3):
+            w.save({"w": det_floats((20000,), 10 + step)}, step=step)
+    reader = deltackpt.open(url, cache_dir=str(tmp_path / "r"))
+    lost = [r[0] for r in reader._index.query(
+        "SELECT DISTINCT p.name FROM blocks b JOIN packs p ON p.id=b.pack_id "
+        "WHERE b.first_step=1")]
+    for name in lost:
+        reader.backend.fs.rm(reader.backend._path(name))
+    result = reader.verify()
+    assert not result.ok and result.damaged_steps == [1], result.problems
+    assert any(lost[0] in p for p in result.problems)
+    reader.close()
+
+    # a flipped byte, and a listing that fails when verify/diff try to catch up: the
+    # damage is what they report, not the listing's error
+    url = f"fsspec+memory://flip-{uuid.uuid4().hex[:8]}"
+    with deltackpt.open(url, cache_dir=str(tmp_path / "w2"), block_size=4096,
+                        delta="none") as w:
+        for step in range(3):
+            w.save({"w": det_floats((20000,), 10 + step)}, step=step)
+    reader = deltackpt.open(url, cache_dir=str(tmp_path / "r2"))
+    name, offset, length = reader._index.query(
+        "SELECT p.name, b.offset, b.length FROM blocks b JOIN packs p ON p.id=b.pack_id "
+        "WHERE b.first_step=1 LIMIT 1")[0]
+    path = reader.backend._path(name)
+    data = bytearray(reader.backend.fs.cat(path))
+    data[offset + length - 1] ^= 0x01
+    reader.backend.fs.pipe(path, bytes(data))
+
+    def failing_refresh(self, check_packs=True):
+        raise OSError(5, "list_objects_v2 failed")
+
+    monkeypatch.setattr(type(reader), "refresh", failing_refresh)
+    result = reader.verify()
+    assert not result.ok and result.damaged_steps == [1]
+    with pytest.raises(deltackpt.CorruptionError, match="step 1"):
+        diff_mod.diff(reader, 0, 1)
+    reader.close()
