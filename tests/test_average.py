@@ -206,3 +206,27 @@ def test_cli_average_single_tensor_key_and_nothing_saved_when_the_output_fails(
     assert not (tmp_path / "x.pt").exists() and not (tmp_path / "x.pt.partial").exists()
     with deltackpt.open(store_path) as s:
         assert 1001 not in s  # a failed command leaves no step behind
+
+
+def test_average_of_a_damaged_store_fails_after_one_plan(tmp_path, monkeypatch):
+    """Real damage (no pack came or went) is reported at once, not after re-planning and
+    decoding every step three times."""
+    from helpers import flip_byte
+
+    import deltackpt.average as average_mod
+
+    path = tmp_path / "s"
+    with deltackpt.open(path, delta="none") as s:
+        for step in (1, 2):
+            s.save({"model": {"w": det_floats((5000,), step)}}, step)
+        name, offset, length = s._index.query(
+            "SELECT p.name, b.offset, b.length FROM blocks b JOIN packs p ON p.id=b.pack_id "
+            "WHERE b.first_step=2 LIMIT 1")[0]
+    flip_byte(path / name, offset + length - 1, 0x01)
+    plans = []
+    real = average_mod._average_once
+    monkeypatch.setattr(average_mod, "_average_once",
+                        lambda *a, **k: (plans.append(1), real(*a, **k))[1])
+    with deltackpt.open(path) as s, pytest.raises(deltackpt.CorruptionError, match="step 2"):
+        s.average([1, 2])
+    assert len(plans) == 1
