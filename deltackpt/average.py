@@ -97,9 +97,8 @@ def average(
         if save_as in store:
             raise StepExistsError(f"{store.location}: step {save_as} already exists; delete "
                                   "it first or save the average under another step")
-    packs_sql = "SELECT COUNT(*), MAX(id), SUM(size) FROM packs"
     for attempt in range(3):
-        packs_before = store._index.query(packs_sql)
+        packs_before = store._packs_state()
         try:
             with store._closing_race():
                 state = _average_once(store, steps, select, ema)
@@ -110,8 +109,7 @@ def average(
             gone = [s for s in steps if s not in store]
             if gone:
                 raise store._not_found(gone[0]) from None
-            if attempt == 2 or (store._index.query(packs_sql) == packs_before
-                                and not store._caught_up()):
+            if attempt == 2 or not store._worth_replanning(packs_before):
                 raise
             time.sleep(0.05 * (attempt + 1))
     if save_as is not None:

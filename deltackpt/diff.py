@@ -137,20 +137,15 @@ def diff(store: Store, a: int, b: int, *, data: bool = True,
     store._check_open()
     with store._closing_race():
         for attempt in range(3):
-            packs_before = store._index.query(_PACKS_SQL)
+            packs_before = store._packs_state()
             try:
                 return _diff_once(store, a, b, data, select, progress if attempt == 0 else None)
             except (FileNotFoundError, CorruptionError):
-                # a concurrent gc rewrote a pack this plan read from: plan again, unless
-                # no pack came or went (then the damage is real)
-                if attempt == 2 or (store._index.query(_PACKS_SQL) == packs_before
-                                    and not store._caught_up()):
+                # a concurrent gc rewrote a pack this plan read from: plan again
+                if attempt == 2 or not store._worth_replanning(packs_before):
                     raise
                 time.sleep(0.05 * (attempt + 1))
     raise AssertionError("unreachable")
-
-
-_PACKS_SQL = "SELECT COUNT(*), MAX(id), SUM(size) FROM packs"
 
 
 def _diff_once(store: Store, a: int, b: int, data: bool,

@@ -330,11 +330,10 @@ def iter_entries(store: Store, step: int | None = None,
     A concurrent ``gc`` that rewrites a pack this plan reads from is met by planning the
     entries not yet yielded again (twice at most, and only when packs did change).
     """
-    packs_sql = "SELECT COUNT(*), MAX(id), SUM(size) FROM packs"
     done: set[int] = set()
     with store._closing_race():
         for attempt in range(3):
-            packs_before = store._index.query(packs_sql)
+            packs_before = store._packs_state()
             reader = StepReader(store, [step], select)
             step = s = reader.steps[0]
             todo = [e for e in reader.entries[s] if e.idx not in done]
@@ -347,8 +346,7 @@ def iter_entries(store: Store, step: int | None = None,
             except (FileNotFoundError, CorruptionError):
                 if s not in store:
                     raise store._not_found(s) from None
-                if attempt == 2 or (store._index.query(packs_sql) == packs_before
-                                    and not store._caught_up()):
+                if attempt == 2 or not store._worth_replanning(packs_before):
                     raise
                 time.sleep(0.05 * (attempt + 1))
 
@@ -434,9 +432,8 @@ def export(
     else:
         raise InvalidInputError(f"{out}: export to a .safetensors or .pt file, or to a "
                                 "directory with max_shard_size")
-    packs_sql = "SELECT COUNT(*), MAX(id), SUM(size) FROM packs"
     for attempt in range(3):
-        packs_before = store._index.query(packs_sql)
+        packs_before = store._packs_state()
         try:
             t0 = time.perf_counter()
             if kind == "pt":
@@ -450,8 +447,7 @@ def export(
             # a concurrent gc may have moved frames we planned to read: plan again
             if step is not None and step not in store:
                 raise store._not_found(step) from None
-            if attempt == 2 or (store._index.query(packs_sql) == packs_before
-                                and not store._caught_up()):
+            if attempt == 2 or not store._worth_replanning(packs_before):
                 raise  # no pack came or went: the damage is real
             time.sleep(0.05 * (attempt + 1))
         except DeltackptError:

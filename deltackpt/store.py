@@ -190,6 +190,8 @@ def _committed(store: Store, step: Any) -> bool:
         return True  # unknown: claim nothing
 
 
+_PACKS_SQL = "SELECT COUNT(*), MAX(id), SUM(size) FROM packs"
+
 #: what changes when a writer commits a save, delete, thin or gc: verify compares it before
 #: and after reading objects that a concurrent delete or gc may remove
 _CHANGES_SQL = ("SELECT (SELECT COUNT(*) FROM steps), (SELECT TOTAL(step) FROM steps), "
@@ -284,6 +286,16 @@ class Store:
     def _check_open(self) -> None:
         if self._closed:
             raise StoreClosedError(f"{self.location}: the store is closed")
+
+    def _packs_state(self) -> tuple:
+        """What changes when a gc adds, rewrites or removes packs (see _worth_replanning)."""
+        return tuple(self._index.query(_PACKS_SQL)[0])
+
+    def _worth_replanning(self, packs_before: tuple) -> bool:
+        """After a read found an object gone or damaged: whether a fresh plan may read
+        something else (packs came or went since ``packs_before``, or a remote cache caught
+        up with another writer). False means the damage is real: report it at once."""
+        return self._packs_state() != packs_before or self._caught_up()
 
     def _caught_up(self) -> bool:
         """After a read found an object gone and the index shows no change: bring this
@@ -764,9 +776,8 @@ class Store:
                        select: Sequence[str] | str | None) -> Any:
         if isinstance(select, str):
             select = [select]
-        packs_sql = "SELECT COUNT(*), MAX(id), SUM(size) FROM packs"
         for attempt in range(3):
-            packs_before = self._index.query(packs_sql)
+            packs_before = self._packs_state()
             try:
                 return self._load_once(step, map_location, select)
             except (FileNotFoundError, CorruptionError) as exc:
@@ -775,7 +786,8 @@ class Store:
                 if step is not None and step not in self:
                     raise self._not_found(step) from None
                 # no pack came or went since the plan: the damage is real, do not wait
-                if attempt == 2 or self._index.query(packs_sql) == packs_before:
+                # (a remote store's _load_once has caught up with the listing already)
+                if attempt == 2 or self._packs_state() == packs_before:
                     if isinstance(exc, FileNotFoundError):
                         what = f"step {step}" if step is not None else "the latest step"
                         raise CorruptionError(f"{self.location}: {what}: a pack the index "
