@@ -84,7 +84,7 @@ from typing import Any
 import numpy as np
 
 from ._torch import torch
-from .errors import BackgroundSaveError, StepExistsError, StoreClosedError
+from .errors import BackgroundSaveError, InvalidInputError, StepExistsError, StoreClosedError
 from .results import StepInfo
 from .retention import RetentionPolicy, prune, reclaim
 from .snapshot import HostSnapshot
@@ -270,7 +270,9 @@ class Checkpointer:
     still needs the delta bases of the deleted ones, so deleting frees nothing
     until the next keyframe.
     ``on_saved(record)`` is called (from the background thread for async
-    saves) after each completed save with its :class:`SaveRecord`.
+    saves) after each completed save with its :class:`SaveRecord`; it must not call
+    ``save``/``step``/``wait``/``close``/``resume`` of this checkpointer (they would wait for
+    the save that runs it: refused with :class:`InvalidInputError`).
     """
 
     def __init__(
@@ -348,6 +350,8 @@ class Checkpointer:
         # the previous one filled, and two callers at once would write into each other's
         self._save_lock = threading.RLock()
         self._closed = False
+        #: the thread running background saves (and on_saved callbacks), once one ran
+        self._bg_thread: int | None = None
 
     # -- configuration -----------------------------------------------------------
     @property
@@ -441,6 +445,7 @@ class Checkpointer:
         them once the state is restored, so the run saves its new history under the same
         step numbers (a later ``resume()`` would otherwise load the newest, abandoned one).
         """
+        self._not_from_background("resume")
         with self._save_lock:  # no save from another thread runs beside a restore
             return self._resume(step, map_location, strict, discard_newer)
 
@@ -493,6 +498,7 @@ class Checkpointer:
         ``keep_best`` metric whose value would rank among the kept best. A step
         already saved (or resumed from) is not saved again.
         """
+        self._not_from_background("step")
         with self._save_lock:
             self._check_open()
             self._raise_pending()
@@ -512,6 +518,7 @@ class Checkpointer:
         saving) when the previous background save failed. Calls from several threads
         take turns.
         """
+        self._not_from_background("save")
         with self._save_lock:
             self._save(step, metrics, tags, note)
 
@@ -589,6 +596,7 @@ class Checkpointer:
 
     def _job(self, snap: Any, step: int, metrics: dict[str, Any] | None,
              tags: Sequence[str] | None, note: str | None, record: SaveRecord) -> None:
+        self._bg_thread = threading.get_ident()
         try:
             self._run(snap, step, metrics, tags, note, record)
         except BaseException as exc:  # surfaced by the next call in the caller's thread
@@ -637,12 +645,14 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Block until the in-flight save (and its retention) is done; raise its failure."""
+        self._not_from_background("wait")
         with self._save_lock:
             self._drain()
             self._raise_pending()
 
     def best_step(self, metric: str, mode: str = "min") -> int | None:
         """The committed step with the best ``metric`` (ties: latest; NaN never wins)."""
+        self._not_from_background("best_step")
         self.wait()
         return self._store.best(metric, mode)
 
@@ -651,6 +661,7 @@ class Checkpointer:
 
         Raises :class:`BackgroundSaveError` if that save failed. Idempotent.
         """
+        self._not_from_background("close")
         with self._save_lock:  # a save from another thread finishes its snapshot first
             if self._closed:
                 return
@@ -681,6 +692,14 @@ class Checkpointer:
     def _check_open(self) -> None:
         if self._closed:
             raise StoreClosedError("the checkpointer is closed")
+
+    def _not_from_background(self, what: str) -> None:
+        """Refuse a call an ``on_saved`` callback makes from the background save: it would
+        wait for that very save (and the caller's thread may hold the save lock)."""
+        if self._bg_thread is not None and threading.get_ident() == self._bg_thread:
+            raise InvalidInputError(
+                f"Checkpointer.{what}() called from its own background save (an on_saved "
+                "callback?) would wait for itself; call it from the training thread")
 
     def __repr__(self) -> str:
         return (f"<deltackpt.Checkpointer {self._store.location!r} every={self.every_n_steps} "

@@ -1045,3 +1045,37 @@ def test_wait_from_another_thread_never_lets_a_save_overwrite_buffers_in_use(sto
             assert torch.equal(s.load(step)["model"]["w"].view(torch.int32),
                                weights(step).view(torch.int32)), step
         assert s.verify().ok
+
+
+@pytest.mark.parametrize("call", ["wait", "best_step", "step", "close"])
+def test_an_on_saved_callback_calling_back_is_refused_not_a_deadlock(store_path, call):
+    """on_saved runs in the background save: calling wait()/step()/close() there would wait
+    for that very save. It is refused, and the refusal surfaces at the next call."""
+    holder: dict = {}
+
+    def on_saved(record):
+        ck = holder["ck"]
+        {"wait": ck.wait, "best_step": lambda: ck.best_step("val"),
+         "step": lambda: ck.step(record.step + 1), "close": ck.close}[call]()
+
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            ck = Checkpointer(store_path, model=small_model(), async_save=True,
+                              on_saved=on_saved)
+            holder["ck"] = ck
+            ck.save(1)
+            with pytest.raises(BackgroundSaveError, match=f"{call}\\(\\) called from its own"):
+                ck.wait()
+            ck.close()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+        finally:
+            done.set()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    assert done.wait(60), "deadlock"
+    assert not errors, errors
