@@ -95,6 +95,7 @@ def _load_cpu(store, step: int | None, select: list[str] | None, quiet: bool):
     from ..tensors import finish_output
 
     for attempt in range(3):
+        packs_before = store._packs_state()
         try:
             reader = StepReader(store, [step], select)
             s = reader.steps[0]
@@ -109,7 +110,7 @@ def _load_cpu(store, step: int | None, select: list[str] | None, quiet: bool):
         except (FileNotFoundError, CorruptionError):
             if step is not None and step not in store:
                 raise store._not_found(step) from None
-            if attempt == 2:
+            if attempt == 2 or not store._worth_replanning(packs_before):
                 raise
     raise AssertionError("unreachable")
 
