@@ -335,9 +335,9 @@ class Checkpointer:
         self._snapshot = HostSnapshot()
         self._executor: ThreadPoolExecutor | None = None
         self._inflight: Future | None = None
-        self._pending: StepInfo | None = None
-        #: the record of the save behind ``_pending``: once it failed, it ranks no more
-        self._pending_record: SaveRecord | None = None
+        #: the save in flight as the log will show it, and its record (once that save
+        #: failed, it ranks no more)
+        self._pending: tuple[StepInfo, SaveRecord] | None = None
         self._lock = threading.Lock()
         self._error: tuple[SaveRecord, str, BaseException] | None = None
         self._last_step: int | None = None
@@ -484,10 +484,10 @@ class Checkpointer:
             rules = [r for r in self.retention.best_rules if r.metric in metrics]
             if rules:
                 log = [i for i in self._store.log() if i.step not in self._resumed_before]
-                pending, record = self._pending, self._pending_record
-                if (pending is not None and record is not None and record.error is None
-                        and all(i.step != pending.step for i in log)):
-                    log.append(pending)  # the save in flight counts as if committed
+                pending = self._pending
+                if (pending is not None and pending[1].error is None
+                        and all(i.step != pending[0].step for i in log)):
+                    log.append(pending[0])  # the save in flight counts as if committed
                 return any(r.would_keep(log, metrics[r.metric]) for r in rules)
         return False
 
@@ -563,9 +563,8 @@ class Checkpointer:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="deltackpt-save")
         self._last_step = step
         self.records.append(record)
-        self._pending = StepInfo(step, time.time(), dict(clean or {}), [], note, 0, 0, 0, 0,
-                                 None)
-        self._pending_record = record
+        self._pending = (StepInfo(step, time.time(), dict(clean or {}), [], note, 0, 0, 0, 0,
+                                  None), record)
         self._inflight = self._executor.submit(self._job, snap, step, clean, tags, note, record)
         record.blocked_s = time.perf_counter() - t0
 
@@ -615,7 +614,7 @@ class Checkpointer:
             fut.result()  # _job never raises
             if self._inflight is fut:
                 self._inflight = None
-                self._pending = self._pending_record = None
+                self._pending = None
 
     def _raise_pending(self) -> None:
         with self._lock:
@@ -625,8 +624,8 @@ class Checkpointer:
         record, stage, exc = pending
         if stage == "save" and self._last_step == record.step:
             self._last_step = None
-        if stage == "save" and self._pending_record is record:
-            self._pending = self._pending_record = None  # never committed: ranks no more
+        if stage == "save" and self._pending is not None and self._pending[1] is record:
+            self._pending = None  # never committed: ranks no more
         if stage == "save":
             msg = (f"{self._store.location}: background save of step {record.step} failed: "
                    f"{type(exc).__name__}: {exc}; the step was not committed (later saves "

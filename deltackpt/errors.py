@@ -40,6 +40,13 @@ class StorageError(DeltackptError, OSError):
     """Writing to or reading from the store failed (disk full, I/O error, failed fsync);
     names the store and the operation. Nothing the failed call was making becomes visible."""
 
+    @classmethod
+    def caused_by(cls, message: str, cause: BaseException) -> StorageError:
+        """A StorageError saying ``message`` that keeps ``cause``'s errno, when it has one
+        (raise it ``from cause``)."""
+        code = getattr(cause, "errno", None)
+        return cls(code, message) if code else cls(message)
+
 
 class FormatVersionError(DeltackptError, ValueError):
     """The store or object was written by a newer (or unknown) format version."""

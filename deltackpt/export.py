@@ -453,8 +453,8 @@ def export(
         except DeltackptError:
             raise
         except OSError as exc:  # writing the output: a full disk, an I/O error
-            msg = f"{out}: writing the export failed: {exc.strerror or exc}"
-            raise (StorageError(exc.errno, msg) if exc.errno else StorageError(msg)) from exc
+            raise StorageError.caused_by(
+                f"{out}: writing the export failed: {exc.strerror or exc}", exc) from exc
     raise AssertionError("unreachable")
 
 

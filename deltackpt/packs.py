@@ -129,18 +129,26 @@ class PackWriter:
         self.finished = []
 
 
+def _footer(tail: bytes, size: int) -> tuple[int, int, int] | None:
+    """(index offset, index length, CRC) from the footer ending ``tail``, the last bytes of
+    a pack of ``size`` bytes, or None when they are no pack index footer that fits it."""
+    magic, index_offset, index_len, crc = _FOOTER.unpack_from(tail, len(tail) - FOOTER_SIZE)
+    if magic != PACK_INDEX_MAGIC or index_offset < len(PACK_MAGIC) or \
+            index_offset + index_len + FOOTER_SIZE != size:
+        return None
+    return index_offset, index_len, crc
+
+
 def pack_frame_bytes(backend: Backend, pack: str, size: int) -> int:
     """Bytes of a pack's frames: its size less the magic and, when its footer checks out,
     the pack index and footer (a pack without one is all frames after the magic)."""
     if size >= len(PACK_MAGIC) + FOOTER_SIZE:
         try:
-            magic, index_offset, index_len, _ = _FOOTER.unpack(
-                backend.read(pack, size - FOOTER_SIZE, FOOTER_SIZE))
+            footer = _footer(backend.read(pack, size - FOOTER_SIZE, FOOTER_SIZE), size)
         except (OSError, ValueError, struct.error):  # CorruptionError is a ValueError
-            magic = b""
-        if magic == PACK_INDEX_MAGIC and len(PACK_MAGIC) <= index_offset and \
-                index_offset + index_len + FOOTER_SIZE == size:
-            return index_offset - len(PACK_MAGIC)
+            footer = None
+        if footer is not None:
+            return footer[0] - len(PACK_MAGIC)
     return max(0, size - len(PACK_MAGIC))
 
 
@@ -155,10 +163,10 @@ def read_pack_index(backend: Backend, pack: str,
         return None
     tail_len = min(size, _TAIL_GUESS)
     tail = backend.read(pack, size - tail_len, tail_len)
-    magic, index_offset, index_len, crc = _FOOTER.unpack_from(tail, tail_len - FOOTER_SIZE)
-    if magic != PACK_INDEX_MAGIC or index_offset < len(PACK_MAGIC) or \
-            index_offset + index_len + FOOTER_SIZE != size:
+    footer = _footer(tail, size)
+    if footer is None:
         return None
+    index_offset, index_len, crc = footer
     if index_offset >= size - tail_len:
         start = index_offset - (size - tail_len)
         body = tail[start:start + index_len]

@@ -68,11 +68,10 @@ def reindex(path: str | os.PathLike, lock_timeout: float = 0.0) -> ReindexResult
     except DeltackptError:
         raise
     except (OSError, sqlite3.Error) as exc:  # a full disk, a read-only mount
-        code = getattr(exc, "errno", None)
-        msg = (f"{root}: reindex failed: {getattr(exc, 'strerror', None) or exc}; the index "
-               "in place (if any) is unchanged, or kept as index.sqlite.broken-* if the "
-               "failure came after it was set aside: run reindex again once this is fixed")
-        raise (StorageError(code, msg) if code else StorageError(msg)) from exc
+        raise StorageError.caused_by(
+            f"{root}: reindex failed: {getattr(exc, 'strerror', None) or exc}; the index in "
+            "place (if any) is unchanged, or kept as index.sqlite.broken-* if the failure "
+            "came after it was set aside: run reindex again once this is fixed", exc) from exc
 
 
 def _reindex_locked(root: str, lock_timeout: float) -> ReindexResult:
@@ -99,11 +98,11 @@ def _reindex_locked(root: str, lock_timeout: float) -> ReindexResult:
         idx.close()
         fsync_path(tmp_path)
         if os.path.exists(index_path):
-            aside = f"{index_path}.broken-{int(time.time())}"
+            aside = result.old_index = f"{index_path}.broken-{int(time.time())}"
             n = 1
-            while os.path.exists(aside if n == 1 else f"{aside}-{n}"):
+            while os.path.exists(result.old_index):
                 n += 1  # a second reindex within the second must not overwrite the first
-            result.old_index = aside if n == 1 else f"{aside}-{n}"
+                result.old_index = f"{aside}-{n}"
             os.replace(index_path, result.old_index)
             moved_aside = True
         for suffix in ("-wal", "-shm"):

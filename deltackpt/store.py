@@ -177,8 +177,7 @@ def _storage_errors(what: str, step_arg: int | None = None):
                 msg = (f"{self.location}: {label} failed: {exc}"
                        + ("; nothing was committed" if what == "save" and step is not None
                           and not _committed(self, step) else ""))
-                errno = getattr(exc, "errno", None)
-                raise (StorageError(errno, msg) if errno else StorageError(msg)) from exc
+                raise StorageError.caused_by(msg, exc) from exc
         return call
     return wrap
 
@@ -287,15 +286,16 @@ class Store:
         if self._closed:
             raise StoreClosedError(f"{self.location}: the store is closed")
 
-    def _packs_state(self) -> tuple:
-        """What changes when a gc adds, rewrites or removes packs (see _worth_replanning)."""
-        return tuple(self._index.query(_PACKS_SQL)[0])
+    def _packs_state(self, sql: str = _PACKS_SQL) -> tuple:
+        """What changes when a gc adds, rewrites or removes packs (``sql``: or also, as
+        ``_CHANGES_SQL``, steps and entries); see :meth:`_worth_replanning`."""
+        return tuple(self._index.query(sql)[0])
 
-    def _worth_replanning(self, packs_before: tuple) -> bool:
+    def _worth_replanning(self, packs_before: tuple, sql: str = _PACKS_SQL) -> bool:
         """After a read found an object gone or damaged: whether a fresh plan may read
-        something else (packs came or went since ``packs_before``, or a remote cache caught
-        up with another writer). False means the damage is real: report it at once."""
-        return self._packs_state() != packs_before or self._caught_up()
+        something else (``sql``'s state changed since ``packs_before``, or a remote cache
+        caught up with another writer). False means the damage is real: report it at once."""
+        return self._packs_state(sql) != packs_before or self._caught_up()
 
     def _caught_up(self) -> bool:
         """After a read found an object gone and the index shows no change: bring this
@@ -936,8 +936,8 @@ class Store:
                 raise CorruptionError(f"{label}: {loc.pack} is a symbolic link; a store never "
                                       "holds one and deltackpt does not follow it") from None
             # EIO, EMFILE...: name the store, block and pack (verify lists it as a problem)
-            msg = f"{label}: reading {loc.pack} failed: {exc.strerror or exc}"
-            raise (StorageError(exc.errno, msg) if exc.errno else StorageError(msg)) from exc
+            raise StorageError.caused_by(
+                f"{label}: reading {loc.pack} failed: {exc.strerror or exc}", exc) from exc
 
     # -- verify ---------------------------------------------------------------
     def verify(self, step: int | None = None, progress: Any = None) -> VerifyResult:
@@ -954,10 +954,9 @@ class Store:
         self._check_open()
         with self._closing_race():
             for attempt in range(3):
-                before = self._index.query(_CHANGES_SQL)
+                before = self._packs_state(_CHANGES_SQL)
                 result = self._verify_once(step, progress if attempt == 0 else None)
-                if result.ok or attempt == 2 or (self._index.query(_CHANGES_SQL) == before
-                                                 and not self._caught_up()):
+                if result.ok or attempt == 2 or not self._worth_replanning(before, _CHANGES_SQL):
                     return result
         raise AssertionError("unreachable")
 
@@ -2244,8 +2243,8 @@ def open_store(
         except DeltackptError:
             raise
         except OSError as exc:  # a full disk, a read-only mount, a name too long...
-            msg = f"{root}: cannot create the store: {exc.strerror or exc}"
-            raise (StorageError(exc.errno, msg) if exc.errno else StorageError(msg)) from exc
+            raise StorageError.caused_by(
+                f"{root}: cannot create the store: {exc.strerror or exc}", exc) from exc
     index_path = os.path.join(root, INDEX_NAME)
     if (os.path.isdir(os.path.join(root, "packs")) or
             os.path.isdir(os.path.join(root, "manifests"))):

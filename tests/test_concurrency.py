@@ -512,12 +512,16 @@ def test_a_remote_store_that_lost_a_pack_reports_damage_not_a_catch_up(tmp_path,
 
     from deltackpt import diff as diff_mod
 
-    url = f"fsspec+memory://lost-{uuid.uuid4().hex[:8]}"
-    with deltackpt.open(url, cache_dir=str(tmp_path / "w"), block_size=4096,
-                        delta="none") as w:
-        for step in range(3):
-            w.save({"w": det_floats((20000,), 10 + step)}, step=step)
-    reader = deltackpt.open(url, cache_dir=str(tmp_path / "r"))
+    def three_steps(tag: str):
+        """A reader on a fresh remote store of steps 0-2, another cache having written it."""
+        url = f"fsspec+memory://{tag}-{uuid.uuid4().hex[:8]}"
+        with deltackpt.open(url, cache_dir=str(tmp_path / f"w-{tag}"), block_size=4096,
+                            delta="none") as w:
+            for step in range(3):
+                w.save({"w": det_floats((20000,), 10 + step)}, step=step)
+        return deltackpt.open(url, cache_dir=str(tmp_path / f"r-{tag}"))
+
+    reader = three_steps("lost")
     lost = [r[0] for r in reader._index.query(
         "SELECT DISTINCT p.name FROM blocks b JOIN packs p ON p.id=b.pack_id "
         "WHERE b.first_step=1")]
@@ -530,12 +534,7 @@ def test_a_remote_store_that_lost_a_pack_reports_damage_not_a_catch_up(tmp_path,
 
     # a flipped byte, and a listing that fails when verify/diff try to catch up: the
     # damage is what they report, not the listing's error
-    url = f"fsspec+memory://flip-{uuid.uuid4().hex[:8]}"
-    with deltackpt.open(url, cache_dir=str(tmp_path / "w2"), block_size=4096,
-                        delta="none") as w:
-        for step in range(3):
-            w.save({"w": det_floats((20000,), 10 + step)}, step=step)
-    reader = deltackpt.open(url, cache_dir=str(tmp_path / "r2"))
+    reader = three_steps("flip")
     name, offset, length = reader._index.query(
         "SELECT p.name, b.offset, b.length FROM blocks b JOIN packs p ON p.id=b.pack_id "
         "WHERE b.first_step=1 LIMIT 1")[0]
