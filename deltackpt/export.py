@@ -14,10 +14,11 @@ import json
 import math
 import os
 import re
+import secrets
 import struct
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ._torch import torch
-from .dtypes import torch_dtype_name
+from .dtypes import dtype_info, torch_dtype_name
 from .errors import (
     CorruptionError,
     DeltackptError,
@@ -70,6 +71,13 @@ def check_output_file(path: str | os.PathLike) -> None:
         raise InvalidInputError(f"{os.fspath(path)}: directory {parent} does not exist")
 
 
+def partial_name(path: str | os.PathLike) -> str:
+    """A temporary name beside ``path`` that no other writer uses: two exports to the
+    same target must not write into one file (the loser's bytes would land in the
+    winner's renamed file)."""
+    return f"{os.fspath(path)}.{os.getpid()}-{secrets.token_hex(4)}.partial"
+
+
 def write_safetensors(state: Any, path: str | os.PathLike,
                       metadata: dict[str, str] | None = None) -> tuple[int, int]:
     """Write the tensors of ``state`` to a .safetensors file keyed by their paths.
@@ -89,16 +97,21 @@ def write_safetensors(state: Any, path: str | os.PathLike,
             t = t.cpu()
         tensors[name] = t.contiguous()
     skipped = count_leaves(state) - len(tensors)
-    tmp = f"{os.fspath(path)}.partial"
-    save_file(tensors, tmp, metadata=metadata)
-    os.replace(tmp, path)
+    tmp = partial_name(path)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
     return len(tensors), skipped
 
 
 def write_pt(state: Any, path: str | os.PathLike) -> None:
     """Write the full structure with ``torch.save`` (atomically)."""
     check_output_file(path)
-    tmp = f"{os.fspath(path)}.partial"
+    tmp = partial_name(path)
     try:
         torch.save(state, tmp)
         os.replace(tmp, path)
@@ -416,8 +429,10 @@ def export(
     With one ``select`` path (default ``"model"``) keys are entry paths relative to it, so
     ``model.load_state_dict(load_file(out))`` works; ``select=None`` exports the whole
     state under full paths. Components are joined by '/'; a '/' or '%' inside a key is
-    written as %2F / %25. Tensors are decoded and written one window at a time
-    (safetensors), never the whole step at once. Files appear atomically; a sharded export
+    written as %2F / %25. A safetensors header lists the keys in the state's order, and
+    their data lie widest dtype first, so every tensor is aligned to its element size
+    as in files ``safetensors`` writes. Tensors are decoded and written one window at a
+    time (safetensors), never the whole step at once. Files appear atomically; a sharded export
     over an earlier one removes the old index first and writes the new one last, so an
     interrupted export leaves no index (export again), never an index over mixed shards.
     """
@@ -506,17 +521,32 @@ def _plan_shards(sizes: list[int], limit: int) -> list[list[int]]:
     return shards
 
 
+def aligned_order(dtypes: Sequence[str]) -> list[int]:
+    """Positions of tensors with these torch dtype names in the order their data should
+    lie in a safetensors file: widest elements first, otherwise as given, so every tensor
+    starts at a multiple of its element size (the data section starts 8-byte aligned), as
+    ``safetensors.torch.save_file`` lays them out. Zero-copy readers then map each tensor
+    in place instead of copying a misaligned one."""
+    return sorted(range(len(dtypes)), key=lambda i: -dtype_info("tensor", dtypes[i]).itemsize)
+
+
 def safetensors_header(items: Sequence[tuple[str, str, tuple[int, ...], int]],
-                       metadata: dict[str, str] | None) -> bytes:
+                       metadata: dict[str, str] | None,
+                       layout: Sequence[int] | None = None) -> bytes:
     """The 8-byte length + JSON header of a safetensors file holding ``items``
-    (key, safetensors dtype, shape, nbytes) back to back in that order."""
+    (key, safetensors dtype, shape, nbytes): keys listed in that order, data back to
+    back in ``layout`` order (positions in ``items``; default: the same order)."""
+    offsets: dict[int, int] = {}
+    off = 0
+    for i in range(len(items)) if layout is None else layout:
+        offsets[i] = off
+        off += items[i][3]
     header: dict[str, Any] = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    off = 0
-    for key, dtype, shape, nbytes in items:
-        header[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [off, off + nbytes]}
-        off += nbytes
+    for i, (key, dtype, shape, nbytes) in enumerate(items):
+        header[key] = {"dtype": dtype, "shape": list(shape),
+                       "data_offsets": [offsets[i], offsets[i] + nbytes]}
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     raw += b" " * (-len(raw) % 8)  # tensor data starts 8-byte aligned, as safetensors pads
     return struct.pack("<Q", len(raw)) + raw
@@ -545,12 +575,17 @@ def _export_safetensors(store: Store, out: str, step: int | None,
     meta = {"format": "pt", "deltackpt_step": str(step)}
     meta.update(metadata or {})
     items = [(k, e.dtype, e.shape, e.nbytes) for k, e in zip(keys, entries)]
-    blocks = reader.iter_blocks(step, entries)
-    try:
-        written = write_tensor_files(out, items, (buf for _, _, buf in blocks), shard_limit,
-                                     meta, f"export step {step}", quiet)
-    finally:
-        blocks.close()
+
+    def read(order: list[int]) -> Iterator[np.ndarray]:
+        blocks = reader.iter_blocks(step, [entries[i] for i in order])
+        try:
+            for _, _, buf in blocks:
+                yield buf
+        finally:
+            blocks.close()
+
+    written = write_tensor_files(out, items, read, shard_limit, meta, f"export step {step}",
+                                 quiet)
     return ExportResult(step, written, len(entries), sum(e.nbytes for e in entries), skipped,
                         0.0)
 
@@ -558,7 +593,7 @@ def _export_safetensors(store: Store, out: str, step: int | None,
 def write_tensor_files(
     out: str,
     items: Sequence[tuple[str, str, tuple[int, ...], int]],
-    data: Iterator[np.ndarray],
+    read: Callable[[list[int]], Iterator[np.ndarray]],
     shard_limit: int | None,
     metadata: dict[str, str] | None,
     desc: str = "write",
@@ -567,9 +602,11 @@ def write_tensor_files(
     """Write tensors as one safetensors file ``out`` or, with ``shard_limit``, as a
     transformers-style sharded directory ``out``; returns the files written.
 
-    ``items``: (key, torch dtype name, shape, nbytes) in order; ``data`` yields the
-    items' bytes in the same order as flat uint8 arrays, each within one item (an item
-    may come in several pieces), consumed one at a time.
+    ``items``: (key, torch dtype name, shape, nbytes) in order: shards hold runs of
+    that order and list their keys in it. ``read(order)`` (called once, ``order`` a
+    permutation of the items' positions: the data layout, see :func:`aligned_order`)
+    yields the items' bytes in that order as flat uint8 arrays, each within one item
+    (an item may come in several pieces), consumed one at a time.
     """
     from .progress import bar
 
@@ -588,18 +625,21 @@ def write_tensor_files(
             shards = [(os.path.join(out, f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"),
                        g) for i, g in enumerate(groups)]
     total = sum(it[3] for it in items)
+    # positions within each shard's group, data order
+    layouts = [aligned_order([items[i][1] for i in group]) for _, group in shards]
+    data = read([group[j] for (_, group), layout in zip(shards, layouts) for j in layout])
     written: list[str] = []
     partial: list[str] = []
     try:
         with bar(total, desc, quiet=quiet) as progress:
-            for path, group in shards:
-                tmp = f"{path}.partial"
+            for (path, group), layout in zip(shards, layouts):
+                tmp = partial_name(path)
                 partial.append(tmp)
                 with open(tmp, "wb") as f:
                     f.write(safetensors_header(
                         [(items[i][0], SAFETENSORS_DTYPES[items[i][1]], items[i][2], items[i][3])
-                         for i in group], metadata))
-                    for i in group:
+                         for i in group], metadata, layout))
+                    for i in (group[j] for j in layout):
                         need = items[i][3]
                         while need > 0:
                             chunk = next(data)
@@ -618,10 +658,13 @@ def write_tensor_files(
             # an index: it goes only after the new index is in place, below)
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(out, SHARD_INDEX_NAME))
-        for path in written:
-            os.replace(f"{path}.partial", path)
+        for path, tmp in zip(written, partial):
+            os.replace(tmp, path)
         partial = []
     finally:
+        close = getattr(data, "close", None)
+        if close is not None:
+            close()
         for tmp in partial:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(tmp)
@@ -634,7 +677,7 @@ def write_tensor_files(
                 "weight_map": {items[i][0]: os.path.basename(path)
                                for path, group in shards for i in group},
             }
-            tmp = f"{index_path}.partial"
+            tmp = partial_name(index_path)
             with open(tmp, "w", encoding="utf-8") as f:
                 f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
             os.replace(tmp, index_path)
@@ -695,9 +738,14 @@ def write_state(
         items.append((key, name, tuple(t.shape), t.numel() * t.element_size()))
     if len({k for k, *_ in items}) != len(items) or any(k == "__metadata__" for k, *_ in items):
         raise InvalidInputError("tensor names are not distinct or use __metadata__")
-    data = (leaf_bytes(Leaf(0, k, "tensor", n, s, t)) for (k, n, s, nbytes), (_, t)
-            in zip(items, tensors) if nbytes)
-    written = write_tensor_files(out, items, data, limit, {"format": "pt", **(metadata or {})})
+
+    def read(order: list[int]) -> Iterator[np.ndarray]:
+        for i in order:
+            key, name, shape, nbytes = items[i]
+            if nbytes:
+                yield leaf_bytes(Leaf(0, key, "tensor", name, shape, tensors[i][1]))
+
+    written = write_tensor_files(out, items, read, limit, {"format": "pt", **(metadata or {})})
     return ExportResult(-1, written, len(items), sum(it[3] for it in items),
                         count_leaves(state) - len(items), time.perf_counter() - t0)
 

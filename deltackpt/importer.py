@@ -51,8 +51,11 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[
     """Parse and check a safetensors header without reading tensor data.
 
     Returns (metadata, items, data start) with items = (key, torch dtype name, shape,
-    start, end) sorted by data offset. Raises InvalidInputError naming the file and
-    key for anything a conforming reader would refuse.
+    start, end) in the header's key order (a writer's order of the tensors, which may
+    differ from their order in the data: deltackpt's export lays data out widest dtype
+    first, as safetensors does, and lists keys in the state's order). Raises
+    InvalidInputError naming the file and key for anything a conforming reader would
+    refuse.
     """
     path = os.fspath(path)
     size = os.path.getsize(path)
@@ -112,9 +115,8 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[
             raise InvalidInputError(f"{where}: data_offsets {offs} hold {offs[1] - offs[0]} "
                                     f"bytes, dtype and shape need {nbytes}")
         items.append((key, name, tuple(shape), offs[0], offs[1]))
-    items.sort(key=lambda it: (it[3], it[4]))
     pos = 0
-    for key, _, _, a, b in items:
+    for key, _, _, a, b in sorted(items, key=lambda it: (it[3], it[4])):
         if a != pos:
             raise InvalidInputError(f"{path}: tensor {key!r} starts at byte {a} of the data, "
                                     f"expected {pos} (overlapping or gapped tensors)")
@@ -126,7 +128,7 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[
 
 
 def read_safetensors(path: str | os.PathLike) -> list[tuple[str, torch.Tensor]]:
-    """(key, tensor) in file order; tensors are copy-on-write maps of the file."""
+    """(key, tensor) in the header's order; tensors are copy-on-write maps of the file."""
     path = os.fspath(path)
     _, items, start = read_safetensors_header(path)
     data_len = os.path.getsize(path) - start

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 import deltackpt
 from deltackpt.cli import main
-from deltackpt.export import SAFETENSORS_DTYPES, StepReader, parse_size
+from deltackpt.export import SAFETENSORS_DTYPES, StepReader, parse_size, write_state
 
 pytestmark = pytest.mark.filterwarnings("ignore:ComplexHalf support")
 
@@ -65,12 +65,29 @@ def test_safetensors_export_is_bit_exact_for_every_dtype(small, tmp_path):
         _assert_tensor(loaded[k], t.detach(), k)
     with safe_open(out, "pt") as f:
         assert f.metadata()["format"] == "pt" and f.metadata()["deltackpt_step"] == "10"
-    # data are written in entry order (header key order), which import relies on
-    with open(out, "rb") as f:
+    # keys are listed in entry order, which import keeps; data lie widest dtype first
+    assert _aligned_header_keys(out) == list(m)
+    small.import_file(out, 11, prefix="model")
+    assert list(small.load(11)["model"]) == list(m)
+
+
+_ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "C64": 8, "F32": 4, "I32": 4, "U32": 4,
+             "F16": 2, "BF16": 2, "I16": 2, "U16": 2}
+
+
+def _aligned_header_keys(path) -> list[str]:
+    """The tensor keys of a safetensors file in header order, after checking that every
+    tensor's data start at a multiple of its element size, as safetensors' own writer
+    lays them out (the data section starts at a multiple of 8)."""
+    with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(n))
-    header.pop("__metadata__")
-    assert list(header) == list(m)
+    assert n % 8 == 0
+    header.pop("__metadata__", None)
+    for key, info in header.items():
+        size = _ITEMSIZE.get(info["dtype"], 1)
+        assert info["data_offsets"][0] % size == 0, (key, info)
+    return list(header)
 
 
 def test_export_whole_state_uses_full_paths_and_counts_left_out_values(small, tmp_path):
@@ -143,6 +160,22 @@ def test_oversized_tensors_get_their_own_shard_and_order_is_kept(small, tmp_path
     assert len(set(index["weight_map"].values())) > 3
     small.import_file(tmp_path / "hf", 6, prefix="model")
     assert list(small.load(6)["model"]) == list(m)
+
+
+def test_every_shard_and_written_state_is_aligned_like_safetensors_writes_it(small, tmp_path):
+    m = _model()
+    small.save(_state(m), 5)
+    small.export(tmp_path / "hf", 5, max_shard_size=300)
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    keys = []
+    for name in sorted(set(index["weight_map"].values())):
+        keys += _aligned_header_keys(tmp_path / "hf" / name)
+    assert keys == list(m)  # shards hold runs of the entry order
+    write_state(small.load(5), tmp_path / "avg.safetensors")
+    assert _aligned_header_keys(tmp_path / "avg.safetensors") == list(m)
+    loaded = load_file(tmp_path / "avg.safetensors")
+    for k, t in m.items():
+        _assert_tensor(loaded[k], t.detach(), k)
 
 
 def test_single_shard_is_model_safetensors_and_stale_files_go(small, tmp_path):
@@ -334,3 +367,34 @@ def test_cli_export(small, store_path, tmp_path):
         r = runner.invoke(main, args)
         assert r.exit_code == code, (args, r.output)
         assert msg in r.output, (args, r.output)
+
+
+def test_concurrent_exports_to_one_target_each_succeed_and_leave_one_whole_step(store_path,
+                                                                                  tmp_path):
+    import threading
+
+    states = {st: {"model": {f"w{i}": det_floats((256, 512), 10 * st + i) for i in range(6)}}
+              for st in (1, 2)}
+    out = tmp_path / "x.safetensors"
+    with deltackpt.open(store_path) as s:
+        for st, state in states.items():
+            s.save(state, st)
+        errors: list[BaseException] = []
+
+        def export(step: int) -> None:
+            try:
+                s.export(out, step)
+            except BaseException as exc:  # noqa: BLE001 - collected for the assert
+                errors.append(exc)
+
+        for _ in range(8):
+            threads = [threading.Thread(target=export, args=(st,)) for st in states]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert not errors
+            got = load_file(out)
+            assert any(all(torch.equal(got[k], v) for k, v in states[st]["model"].items())
+                       for st in states)
+    assert not list(tmp_path.glob("*.partial"))
