@@ -13,7 +13,8 @@ values near its maximum overflowed, and its rounding left a third of fp32 means 
   applies once per *listed step*, oldest first: over ``n`` steps the first keeps
   ``d^(n-1)`` of the result, the last ``1 - d``;
 
-then ``acc`` is rounded (to nearest, ties to even) to the stored dtype. Integer,
+then ``acc`` is rounded once (to nearest, ties to even) to the stored dtype (not through
+float32, as torch's cast of float64 to a 16- or 8-bit float would: see :func:`round_to`). Integer,
 bool and bytes entries, and every non-array value (step counters, learning rates,
 ...), come from the last step, which also gives the structure. Every averaged entry
 must exist in every step with the same kind, dtype and shape.
@@ -188,4 +189,29 @@ def _average_range(reader: StepReader, steps: list[int], sources: list[StoredEnt
             acc.add_(xa.mul(1.0 - ema))
     if ema is None:
         acc.div_(len(steps))
-    torch.from_numpy(out).view(dtype).copy_(acc)
+    torch.from_numpy(out).view(dtype).copy_(round_to(acc, dtype))
+
+
+def round_to(acc: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``acc`` (float64 or complex128) rounded once, to nearest with ties to even, to
+    ``dtype``. torch casts float64 to the 8- and 16-bit floats through float32, which rounds
+    twice: a value just above a halfway point of the target lands on it in float32 and then
+    goes to the even side, one ulp off. Rounding to float32 *to odd* first keeps that
+    information (the sticky bit) and makes the second rounding exact."""
+    if dtype.is_complex:
+        if dtype.itemsize >= 8:
+            return acc.to(dtype)
+        half = torch.float16  # complex32: two float16 halves, each rounded once
+        return torch.complex(round_to(acc.real, half).float(),
+                             round_to(acc.imag, half).float()).to(dtype)
+    if dtype.itemsize >= 4:
+        return acc.to(dtype)
+    single = acc.to(torch.float32)
+    # inexact (NaN excepted, which compares unequal to itself) and even: step one ulp toward
+    # the exact value, to the odd neighbour; between the two it brackets, the odd one is
+    # the round-to-odd result
+    fix = (single.to(acc.dtype) != acc) & ~torch.isnan(acc) & (single.view(torch.int32) & 1 == 0)
+    if bool(fix.any()):
+        toward = torch.where(acc > single.to(acc.dtype), torch.inf, -torch.inf).to(torch.float32)
+        single = torch.where(fix, torch.nextafter(single, toward), single)
+    return single.to(dtype)

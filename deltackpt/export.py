@@ -723,7 +723,7 @@ def write_state(
         write_pt(state, out)
         return ExportResult(-1, [out], len(tensors), sum(t.numel() * t.element_size()
                                                          for _, t in tensors),
-                            count_leaves(state) - len(tensors), time.perf_counter() - t0)
+                            0, time.perf_counter() - t0)
     if max_shard_size is None and not out.endswith(".safetensors"):
         raise InvalidInputError(f"{out}: write to a .safetensors or .pt file, or to a "
                                 "directory with max_shard_size")
@@ -818,6 +818,6 @@ def _export_pt(store: Store, out: str, step: int | None,
     check_weights_only(state)
     tensors = list(iter_tensors(state))
     write_pt(state, out)
+    # torch.save keeps every value of the selection: nothing is left out
     return ExportResult(step, [out], len(tensors), sum(t.numel() * t.element_size()
-                                                       for _, t in tensors),
-                        count_leaves(state) - len(tensors), 0.0)
+                                                       for _, t in tensors), 0, 0.0)

@@ -293,11 +293,25 @@ def import_file(
     encoded against the step before, exactly as :meth:`Store.save` does. Nothing is
     written when the file is refused. ``note`` defaults to "imported from <source>".
     """
+    step = _new_step(store, step)
+    state = read_source(source, prefix=prefix, nest_keys=nest_keys)
+    return save_imported(store, state, source, step, metrics=metrics, tags=tags, note=note)
+
+
+def _new_step(store: Store, step: int) -> int:
     step = store._step_arg(step)
     if step in store:
         raise StepExistsError(f"{store.location}: step {step} already exists; delete it "
                               "first or import under another step")
-    state = read_source(source, prefix=prefix, nest_keys=nest_keys)
+    return step
+
+
+def save_imported(store: Store, state: Any, source: str | os.PathLike, step: int, *,
+                  metrics: dict[str, Any] | None = None, tags: Sequence[str] | None = None,
+                  note: str | None = None) -> SaveResult:
+    """Save what :func:`read_source` read from ``source`` as ``step``, like
+    :func:`import_file` (for a caller that reads the source before opening the store)."""
+    step = _new_step(store, step)
     if note is None:
         note = f"imported from {os.path.abspath(os.fspath(source))}"
     return store.save(state, step, metrics=metrics, tags=tags, note=note)

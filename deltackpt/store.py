@@ -39,6 +39,7 @@ from .errors import (
     CorruptionError,
     DeltackptError,
     FormatVersionError,
+    InvalidInputError,
     InvalidStoreError,
     StepExistsError,
     StepNotFoundError,
@@ -387,7 +388,7 @@ class Store:
         if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
             raise TypeError(f"step must be an int, not {type(step).__name__}")
         if not -(2**63) <= step < 2**63:
-            raise ValueError(f"step {step} does not fit in 64 bits")
+            raise InvalidInputError(f"step {step} does not fit in 64 bits")
         return int(step)
 
     def _step_record_args(self, step: Any, metrics: Any, tags: Any,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import collections
 import json
+import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -13,7 +15,7 @@ from helpers import assert_state_equal, det_floats, det_tensor, tensor_bytes
 from safetensors.torch import load_file
 
 import deltackpt
-from deltackpt.average import accumulation_dtype
+from deltackpt.average import accumulation_dtype, round_to
 from deltackpt.cli import main
 
 pytestmark = pytest.mark.filterwarnings("ignore:ComplexHalf support")
@@ -56,7 +58,48 @@ def _ref(values: list, ema: float | None) -> torch.Tensor:
         acc = acc + x.to(acc_dt) if ema is None else acc * ema + x.to(acc_dt) * (1.0 - ema)
     if ema is None:
         acc = acc / len(values)
-    return acc.to(dt)
+    return _round_nearest_even(acc, dt)
+
+
+_BITS = {1: torch.uint8, 2: torch.int16}
+
+
+def _round_nearest_even(acc: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+    """float64 -> ``dt`` rounded once to nearest, ties to even, checked exactly with
+    Fractions: torch's own cast of float64 to 16- and 8-bit floats rounds twice (through
+    float32), so it cannot serve as the reference."""
+    if dt.is_complex or dt.itemsize >= 4:
+        return acc.to(dt)  # one rounding in torch already
+    nbits = 8 * dt.itemsize
+    sign = 1 << (nbits - 1)
+    out = []
+    for v, b in zip(acc.reshape(-1).tolist(), _uint_bits(acc.to(dt))):
+        if not math.isfinite(v):
+            out.append(b)
+            continue
+        # double rounding is off by at most one ulp: the answer is b or a bit neighbour of
+        # the same sign (bits are sign-magnitude, so neighbours are adjacent values)
+        cands = [c for c in (b - 1, b, b + 1) if 0 <= c < (1 << nbits)
+                 and c & sign == b & sign and math.isfinite(_as_float(c, dt))]
+        exact = Fraction(v)
+        out.append(min(cands, key=lambda c: (abs(Fraction(_as_float(c, dt)) - exact), c & 1)))
+    return _from_uint_bits(out, dt).reshape(acc.shape)
+
+
+def _uint_bits(t: torch.Tensor) -> list[int]:
+    mask = (1 << (8 * t.element_size())) - 1
+    return [x & mask for x in t.reshape(-1).view(_BITS[t.element_size()]).tolist()]
+
+
+def _from_uint_bits(bits: list[int], dt: torch.dtype) -> torch.Tensor:
+    nbits = 8 * dt.itemsize
+    signed = [b - (1 << nbits) if dt.itemsize == 2 and b >= 1 << (nbits - 1) else b
+              for b in bits]
+    return torch.tensor(signed, dtype=_BITS[dt.itemsize]).view(dt)
+
+
+def _as_float(bits: int, dt: torch.dtype) -> float:
+    return _from_uint_bits([bits], dt).double().item()
 
 
 def _check(result: dict, steps: list[int], ema: float | None) -> None:
@@ -154,11 +197,43 @@ def test_cli_average(run, store_path, tmp_path):
          ".safetensors or .pt"),
         (["average", store_path, "--steps", "100,200", "--save-step", "1000"], 4,
          "already exists"),
+        (["average", store_path, "--steps", "100,99999999999999999999", "-o", str(out)], 2,
+         "does not fit in 64 bits"),
     ]
     for args, code, msg in cases:
         r = runner.invoke(main, args)
         assert r.exit_code == code, (args, r.output)
         assert msg in r.output, (args, r.output)
+
+
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16, torch.float8_e4m3fn])
+def test_averages_round_once_to_nearest_even_not_through_float32(store_path, dt):
+    # 1 + 2^-8 + 2^-30 lies just above bf16's halfway point between 1 and 1 + 2^-7: float32
+    # rounds it onto the halfway point, and a second rounding goes to the even side, 1.0
+    decay = 1 - 2**-8 - 2**-30
+    with deltackpt.open(store_path) as s:
+        s.save({"w": torch.tensor([1.0], dtype=torch.bfloat16)}, 1)
+        s.save({"w": torch.tensor([2.0], dtype=torch.bfloat16)}, 2)
+        assert s.average([1, 2], ema=decay, select=None)["w"].tolist() == [1.0078125]
+        g = torch.Generator().manual_seed(5)
+        ws = [(torch.randn(3000, generator=g, dtype=torch.float64) * 4).to(dt) for _ in range(3)]
+        for i, w in enumerate(ws):
+            s.save({"w": w}, 10 + i)
+        for ema in (0.999, None):
+            got = s.average([10, 11, 12], ema=ema, select=None)["w"]
+            want = _ref(ws, ema)
+            assert torch.equal(tensor_bytes(got), tensor_bytes(want)), (dt, ema)
+    # the rounding itself on the hard cases, which random averages hit once in ~65,000
+    # elements: halfway points of ``dt`` and values a hair above or below them
+    lo = (torch.randn(2000, generator=g, dtype=torch.float64) * 4).to(dt)
+    hi = _from_uint_bits([b + 1 for b in _uint_bits(lo)], dt).double()  # next magnitude
+    lo = lo.double()
+    mid = (lo + hi) / 2
+    hair = (hi - lo) * 2.0**-25
+    values = torch.cat([mid, mid + hair, mid - hair, torch.tensor([0.0, -0.0, 1e-300])])
+    values = values[torch.isfinite(values)]
+    got = round_to(values, dt)
+    assert torch.equal(tensor_bytes(got), tensor_bytes(_round_nearest_even(values, dt))), dt
 
 
 def test_averages_accumulate_in_float64(store_path):

@@ -251,8 +251,12 @@ def test_pt_export_loads_weights_only_and_equals(small, tmp_path):
     loaded = torch.load(tmp_path / "m.pt", weights_only=True)
     assert_state_equal(loaded, small.load(3, select="model")["model"])
     assert r.tensors == len(m)
-    small.export(tmp_path / "opt.pt", 3, "optimizer")
+    r = small.export(tmp_path / "opt.pt", 3, "optimizer")
     assert torch.load(tmp_path / "opt.pt", weights_only=True) == {"lr": 0.1, "n": 3}
+    assert r.tensors == 0 and r.skipped == 0  # torch.save kept both values
+    r = write_state({"w": torch.ones(2), "lr": 0.1}, tmp_path / "s.pt", select=None)
+    assert r.tensors == 1 and r.skipped == 0
+    assert torch.load(tmp_path / "s.pt", weights_only=True)["lr"] == 0.1
 
 
 def test_pt_export_refuses_tensor_attributes_weights_only_cannot_load(small, tmp_path):

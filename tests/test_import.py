@@ -220,3 +220,9 @@ def test_cli_import(store_path, tmp_path):
         assert msg in r.output, (args, r.output)
     with deltackpt.open(store_path) as s:
         assert s.steps() == [1, 2]
+    # a refused file leaves no new store behind
+    fresh = tmp_path / "fresh"
+    r = runner.invoke(main, ["import", str(fresh), str(tmp_path / "junk.safetensors"),
+                             "--step", "1"])
+    assert r.exit_code == 2 and "not a safetensors file" in r.output
+    assert not fresh.exists()

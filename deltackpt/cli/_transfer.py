@@ -103,9 +103,12 @@ def import_cmd(path: str, source: str, step: int, prefix: str | None, flat: bool
     """
     if step < 0:
         raise click.BadParameter("must be >= 0", param_hint="--step")
+    from ..importer import read_source, save_imported
+
+    # read (and check) the source first: a refused file must not leave a new store behind
+    state = read_source(source, prefix=prefix, nest_keys=not flat)
     with open_store(path) as store:
-        r = store.import_file(source, step, prefix=prefix, nest_keys=not flat,
-                              tags=list(tags), note=note)
+        r = save_imported(store, state, source, step, tags=list(tags), note=note)
     if as_json:
         emit_json(r.__dict__)
         return
@@ -122,6 +125,10 @@ def _steps(value: str) -> list[int]:
                                  param_hint="--steps") from None
     if not steps:
         raise click.BadParameter("no steps given", param_hint="--steps")
+    for step in steps:
+        if not STEP.min <= step <= STEP.max:  # type: ignore[operator]
+            raise click.BadParameter(f"step {step} does not fit in 64 bits",
+                                     param_hint="--steps")
     return steps
 
 
