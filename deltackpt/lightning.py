@@ -17,7 +17,8 @@ in ModelCheckpoint's own state (``last_model_path``), and the tensors they share
 cost nothing the second time (block dedup).
 
 At the path itself a small JSON *placeholder* is written (after the step
-commits, atomically), because Lightning decides things by looking at the
+commits, atomically; an async save of a new path first reserves it with a
+*pending* placeholder before ``save_checkpoint`` returns), because Lightning decides things by looking at the
 filesystem: ``ModelCheckpoint`` adds ``-v1`` to names that exist, finds
 ``last*.ckpt`` for ``ckpt_path="last"`` by listing the directory, and
 ``save_last="link"`` symlinks to the saved file. The placeholder names the
@@ -50,9 +51,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -153,6 +156,8 @@ def read_placeholder(path: str | os.PathLike) -> dict[str, Any] | None:
         return None
     if not isinstance(data, dict) or data.get("kind") != PLACEHOLDER_KIND:
         return None
+    if data.get("pending") is True and isinstance(data.get("store"), str):
+        return data  # a background save reserved the name; its step is not committed yet
     if data.get("version") != PLACEHOLDER_VERSION or not isinstance(data.get("step"), int) \
             or not isinstance(data.get("store"), str):
         raise DeltackptError(f"{path}: unreadable deltackpt placeholder (version "
@@ -180,7 +185,7 @@ def _write_placeholder(path: str, data: dict[str, Any], durable: bool) -> None:
     """Atomically replace ``path`` with the placeholder (tmp file, fsync, rename)."""
     folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.deltackpt-tmp"
+    tmp = f"{path}.{uuid.uuid4().hex[:12]}.deltackpt-tmp"  # writers of one path never share it
     body = json.dumps(data, indent=1).encode() + b"\n"
     with open(tmp, "wb") as f:
         f.write(body)
@@ -192,6 +197,43 @@ def _write_placeholder(path: str, data: dict[str, Any], durable: bool) -> None:
     os.replace(tmp, path)
     if durable:
         fsync_path(folder)
+
+
+def _drain_at_exit(io: DeltaCheckpointIO) -> None:
+    """Finish ``io``'s queued saves when the interpreter exits, before thread pools stop
+    taking work (a save queued after ``teardown``, e.g. ``trainer.save_checkpoint()`` after
+    ``fit``, would otherwise be dropped silently), and report a failure on stderr."""
+    ref = weakref.ref(io)
+
+    def drain() -> None:
+        plugin = ref()
+        if plugin is None:
+            return
+        try:
+            plugin.wait()
+        except BaseException as exc:  # noqa: BLE001 - nobody is left to raise it to
+            sys.stderr.write(f"deltackpt.lightning: a checkpoint save did not complete "
+                             f"before exit: {type(exc).__name__}: {exc}\n")
+
+    # threading's exit hooks run before concurrent.futures stops its pools (atexit's run
+    # after, too late for the store's own pool); the private hook is what
+    # concurrent.futures itself uses
+    register = getattr(threading, "_register_atexit", None)
+    if register is None:  # pragma: no cover - CPython >= 3.9 has it
+        import atexit
+
+        atexit.register(drain)
+    else:
+        with contextlib.suppress(RuntimeError):  # already shutting down
+            register(drain)
+
+
+def _remove_pending(path: str, pending_id: str) -> None:
+    """Unlink ``path`` if it is still the pending placeholder ``pending_id`` wrote."""
+    with contextlib.suppress(OSError, DeltackptError):
+        data = read_placeholder(path)
+        if data is not None and data.get("pending_id") == pending_id:
+            os.unlink(path)
 
 
 def _explain_unsupported(exc: UnsupportedValueError, path: str) -> UnsupportedValueError:
@@ -271,6 +313,7 @@ class DeltaCheckpointIO(_CheckpointIO):
         #: paths removed before their save reached us (see remove_checkpoint)
         self._tombstones: dict[str, int] = {}
         self._open_lock = threading.Lock()
+        self._exit_hook = False
 
     # -- the store ----------------------------------------------------------------
     @property
@@ -315,6 +358,9 @@ class DeltaCheckpointIO(_CheckpointIO):
         (a foreground one is raised by whoever waits on the future)."""
         if self._executor is None:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="deltackpt-lightning")
+            if not self._exit_hook:
+                self._exit_hook = True
+                _drain_at_exit(self)
         with self._lock:
             if fn == self._save_job:
                 self._queued[args[1]] = self._queued.get(args[1], 0) + 1
@@ -399,25 +445,40 @@ class DeltaCheckpointIO(_CheckpointIO):
         except UnsupportedValueError as exc:
             raise _explain_unsupported(exc, target) from None
         record.snapshot_s = time.perf_counter() - t1
-        # now, not in the worker: Lightning links last.ckpt to this path right after this
-        # call returns (save_last="link"), and the link needs the directory (a failure
-        # here is the worker's to report, with the placeholder it cannot write)
+        # now, not in the worker: Lightning decides by looking at the filesystem right after
+        # this call returns: ModelCheckpoint versions a name that exists ("-v1"), and
+        # save_last="link" links last.ckpt to this path. A new name is reserved with a
+        # pending placeholder (an existing one keeps the checkpoint it holds until the save
+        # replaces it); a failure here is the worker's to report.
+        pending = None
         with contextlib.suppress(OSError):
             os.makedirs(os.path.dirname(target), exist_ok=True)
+            if not os.path.lexists(target):
+                pending = uuid.uuid4().hex
+                _write_placeholder(target, {
+                    "kind": PLACEHOLDER_KIND, "version": PLACEHOLDER_VERSION, "pending": True,
+                    "store": self._where(), "pending_id": pending,
+                    "load_with": "deltackpt.lightning.load_checkpoint(path)"}, durable=False)
         self._next_snap = (i + 1) % self.max_pending
-        self._snap_busy[i] = self._submit(self._save_job, snap, target, record,
+        self._snap_busy[i] = self._submit(self._save_job, snap, target, record, pending,
                                           background=True)
         record.blocked_s = time.perf_counter() - t0
         self.records.append(record)
 
-    def _save_job(self, state: dict[str, Any], target: str, record: CheckpointRecord) -> None:
+    def _save_job(self, state: dict[str, Any], target: str, record: CheckpointRecord,
+                  pending: str | None = None) -> None:
         try:
             self._save_step(state, target, record)
+        except BaseException:
+            if pending is not None:
+                _remove_pending(target, pending)  # the name is free again, as it was
+            raise
         finally:
             with self._lock:
                 self._queued[target] -= 1
                 if not self._queued[target]:
                     del self._queued[target]
+            self._idle()
 
     def _save_step(self, state: dict[str, Any], target: str, record: CheckpointRecord) -> None:
         store = self.store
@@ -496,11 +557,30 @@ class DeltaCheckpointIO(_CheckpointIO):
             os.unlink(target)
 
     def _remove_job(self, target: str) -> None:
-        paths = self._mapping()
-        self._unlink(target)  # a save of the same path queued before us wrote it
+        try:
+            paths = self._mapping()
+            self._unlink(target)  # a save of the same path queued before us wrote it
+            with self._lock:
+                steps = paths.pop(target, [])
+            self._drop_steps(steps)
+        finally:
+            self._idle()
+
+    def _idle(self) -> None:
+        """After a job: with nothing else queued, give the store's writer lock back, so that
+        another plugin on the same store (a second Trainer in this process) can write. The
+        store stays open; the next save takes the lock again. Lightning's
+        ``AsyncCheckpointIO`` never tears the plugin it wraps down, so this is the only
+        point where its lock could be released."""
+        if self._store_path is None:
+            return  # the caller's store: its lock is the caller's to manage
         with self._lock:
-            steps = paths.pop(target, [])
-        self._drop_steps(steps)
+            busy = any(n for n in self._queued.values()) or \
+                sum(not f.done() for f in self._futures) > 1
+        store = self._store
+        if not busy and store is not None:
+            with contextlib.suppress(DeltackptError):
+                store._release_writer()
 
     def load_checkpoint(self, path: Any, map_location: Any | None = None,
                         weights_only: bool | None = None) -> dict[str, Any]:
@@ -560,6 +640,11 @@ def _load(path: Any, map_location: Any, io: DeltaCheckpointIO | None) -> dict[st
         except Exception as exc:
             raise DeltackptError(f"{target}: not a deltackpt placeholder, and torch.load("
                                  f"weights_only=True) cannot read it: {exc}") from exc
+    if data.get("pending"):
+        raise CheckpointNotFoundError(
+            f"{target}: this checkpoint's background save never completed (the process "
+            "ended, or the save failed, before its step was committed); use another "
+            "checkpoint")
     step, location = data["step"], data["store"]
     if io is not None and (io._store_path == location or
                            (io._store is not None and io._store.location == location)):

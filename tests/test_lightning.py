@@ -422,3 +422,120 @@ def test_a_placeholder_from_before_save_ids_loads_through_last_ckpt(tmp_path):
     assert load_checkpoint(last)["global_step"] == 10
     shutil.copy(path, str(tmp_path / "ck" / "copy.ckpt"))
     assert load_checkpoint(str(tmp_path / "ck" / "copy.ckpt"))["global_step"] == 10
+
+
+def test_an_async_save_reserves_its_name_at_once_and_frees_it_if_the_save_fails(
+        tmp_path, monkeypatch):
+    """ModelCheckpoint versions a name that exists ("-v1") right after a save returns: a
+    background save must make its file exist before it returns, or the next save of the
+    same name overwrites it (and deletes its step)."""
+    import threading
+
+    io = DeltaCheckpointIO(str(tmp_path / "store"), async_save=True)
+    ck = tmp_path / "ck"
+    gate = threading.Event()
+    real = DeltaCheckpointIO._save_step
+
+    def slow(self, *args):
+        gate.wait(30)
+        return real(self, *args)
+
+    monkeypatch.setattr(DeltaCheckpointIO, "_save_step", slow)
+    a = str(ck / "epoch=0.ckpt")
+    io.save_checkpoint({"global_step": 1, "x": torch.ones(3)}, a)
+    assert os.path.exists(a)  # the save is still queued
+    with pytest.raises(CheckpointNotFoundError, match="never completed"):
+        load_checkpoint(a)  # outside the plugin: nothing committed yet
+    gate.set()
+    io.wait()
+    assert_state_equal(load_checkpoint(a), {"global_step": 1, "x": torch.ones(3)})
+    # a failing save gives its reserved name back
+    monkeypatch.setattr(DeltaCheckpointIO, "_save_step",
+                        lambda self, *args: (_ for _ in ()).throw(OSError("disk gone")))
+    b = str(ck / "epoch=1.ckpt")
+    io.save_checkpoint({"global_step": 2, "x": torch.zeros(3)}, b)
+    with pytest.raises(BackgroundSaveError, match="disk gone"):
+        io.wait()
+    assert sorted(os.listdir(ck)) == ["epoch=0.ckpt"]
+    io.teardown()
+
+
+def test_async_versioned_names_keep_every_save_like_lightning_io(tmp_path, monkeypatch):
+    import threading
+
+    class Logged(Tiny):  # noqa: F821 - defined by TRAINING
+        def training_step(self, batch, i):
+            loss = super().training_step(batch, i)
+            self.log("train_loss", loss)
+            return loss
+
+    gate = threading.Event()
+
+    class OpenGate(pl.Callback):  # the queued saves may go on once training is over
+        def on_train_end(self, trainer, module):
+            gate.set()
+
+    def fit(ckdir, plugins):
+        trainer = pl.Trainer(max_steps=4, plugins=plugins, logger=False,
+                             enable_progress_bar=False, enable_model_summary=False,
+                             num_sanity_val_steps=0, default_root_dir=str(tmp_path),
+                             callbacks=[ModelCheckpoint(dirpath=ckdir, filename="{epoch}",
+                                                        monitor="train_loss", save_top_k=-1,
+                                                        every_n_train_steps=1), OpenGate()])
+        torch.manual_seed(0)
+        train_dl, val_dl = loaders()  # noqa: F821 - defined by TRAINING
+        trainer.fit(Logged(), train_dl, val_dl)
+
+    fit(str(tmp_path / "ref"), None)  # Lightning's own IO: every save under its own name
+    want = files(tmp_path / "ref")
+    assert len(want) == 4
+    gate.clear()
+    real = DeltaCheckpointIO._save_step
+
+    def slow(self, *args):  # every save outlasts the training steps between saves
+        gate.wait(30)
+        return real(self, *args)
+
+    monkeypatch.setattr(DeltaCheckpointIO, "_save_step", slow)
+    io = DeltaCheckpointIO(str(tmp_path / "store"), async_save=True, max_pending=8)
+    fit(str(tmp_path / "ck"), [io])
+    assert gate.is_set()
+    io.wait()
+    assert files(tmp_path / "ck") == want
+    assert sorted(load_checkpoint(tmp_path / "ck" / n)["global_step"] for n in want) == \
+        [1, 2, 3, 4]
+    io.teardown()
+
+
+def test_a_save_queued_after_teardown_completes_at_interpreter_exit(tmp_path):
+    """trainer.save_checkpoint() after fit() (which tore the plugin down) queues a background
+    save that nothing waits for: it must still be stored before the interpreter exits."""
+    store, ck = str(tmp_path / "store"), str(tmp_path / "final.ckpt")
+    code = textwrap.dedent(f'''
+        import torch
+        from deltackpt.lightning import DeltaCheckpointIO
+        io = DeltaCheckpointIO({store!r}, async_save=True)
+        io.save_checkpoint({{"global_step": 1, "w": torch.ones(4)}}, {ck + ".first"!r})
+        io.teardown()
+        io.save_checkpoint({{"global_step": 2, "w": torch.arange(1000.0)}}, {ck!r})
+    ''')
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120, cwd=ROOT)
+    assert r.returncode == 0 and "did not complete" not in r.stderr, r.stderr
+    assert_state_equal(load_checkpoint(ck), {"global_step": 2, "w": torch.arange(1000.0)})
+
+
+def test_a_plugin_never_torn_down_does_not_lock_the_store_for_the_next_one(tmp_path):
+    """Lightning's AsyncCheckpointIO never calls the teardown of the plugin it wraps, so the
+    plugin's store stays open after fit: a second Trainer's plugin on the same store must
+    still be able to write (the first gives the writer lock back when idle)."""
+    store, ck = str(tmp_path / "store"), tmp_path / "ck"
+    first = AsyncCheckpointIO(DeltaCheckpointIO(store))
+    first.save_checkpoint({"global_step": 1, "w": torch.ones(3)}, str(ck / "a.ckpt"))
+    first.teardown()  # Lightning's: the wrapped plugin is left as it is
+    second = DeltaCheckpointIO(store, store_options={"lock_timeout": 0})
+    second.save_checkpoint({"global_step": 2, "w": torch.zeros(3)}, str(ck / "b.ckpt"))
+    assert second.store.steps() == [1, 2]
+    assert_state_equal(second.load_checkpoint(str(ck / "a.ckpt")),
+                       {"global_step": 1, "w": torch.ones(3)})
+    second.teardown()
