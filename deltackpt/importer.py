@@ -239,22 +239,24 @@ def read_source(source: str | os.PathLike, *, prefix: str | None = None,
                 nest_keys: bool = True) -> Any:
     """The state :func:`import_file` would store for ``source`` (see the module docstring).
 
-    ``source``: a ``.safetensors`` file, a directory with a shard index (or a single
-    ``model.safetensors``), a ``*.safetensors.index.json`` file, or a ``.pt``/``.pth``/
-    ``.bin`` torch file. ``prefix`` (a '/'-joined path) places the content under it,
-    e.g. ``prefix="model"`` for a plain model checkpoint. ``nest_keys=False`` keeps
-    safetensors keys as one flat dict.
+    ``source``: a ``.safetensors`` file, a directory with a ``model.safetensors`` (read
+    first, as ``from_pretrained`` does) or a shard index, a ``*.safetensors.index.json``
+    file, or a ``.pt``/``.pth``/``.bin`` torch file. ``prefix`` (a '/'-joined path)
+    places the content under it, e.g. ``prefix="model"`` for a plain model checkpoint.
+    ``nest_keys=False`` keeps safetensors keys as one flat dict.
     """
     src = os.fspath(source)
     if not os.path.exists(src):
         raise FileNotFoundError(f"{src}: no such file or directory")
     state: Any
     if os.path.isdir(src):
-        index = _find_index(src)
+        single = os.path.join(src, SINGLE_SHARD_NAME)
+        # model.safetensors first, as transformers' from_pretrained looks: a directory with
+        # both imports the weights a model would load from it
+        index = None if os.path.isfile(single) else _find_index(src)
         if index is not None:
             items = read_sharded(index)
         else:
-            single = os.path.join(src, SINGLE_SHARD_NAME)
             files = sorted(n for n in os.listdir(src) if n.endswith(".safetensors"))
             if not os.path.isfile(single) and len(files) != 1:
                 raise InvalidInputError(f"{src}: no {SHARD_INDEX_NAME} and not exactly one "

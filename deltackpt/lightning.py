@@ -18,10 +18,10 @@ cost nothing the second time (block dedup).
 
 At the path itself a small JSON *placeholder* is written (after the step
 commits, atomically; an async save of a new path first reserves it with a
-*pending* placeholder before ``save_checkpoint`` returns), because Lightning decides things by looking at the
-filesystem: ``ModelCheckpoint`` adds ``-v1`` to names that exist, finds
-``last*.ckpt`` for ``ckpt_path="last"`` by listing the directory, and
-``save_last="link"`` symlinks to the saved file. The placeholder names the
+*pending* placeholder before ``save_checkpoint`` returns), because Lightning
+decides things by looking at the filesystem: ``ModelCheckpoint`` adds ``-v1``
+to names that exist, finds ``last*.ckpt`` for ``ckpt_path="last"`` by listing
+the directory, and ``save_last="link"`` symlinks to the saved file. The placeholder names the
 store and the step; :func:`load_checkpoint` reads a checkpoint from it without a
 Trainer. Tools that ``torch.load`` the ``.ckpt`` (``LightningModule.load_from_checkpoint``)
 cannot read a placeholder: load the dict with :func:`load_checkpoint` and call

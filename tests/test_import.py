@@ -173,6 +173,22 @@ def test_key_conflicts_and_broken_shard_sets_are_refused(store, tmp_path):
     assert store.steps() == [1]
 
 
+def test_a_directory_with_both_layouts_imports_what_from_pretrained_loads(store, tmp_path):
+    # a sharded export interrupted over an earlier single-file one leaves both; transformers
+    # reads model.safetensors first, and so must import
+    for step in (1, 2):
+        store.save({"model": {"x": det_floats((3000,), step), "y": det_floats((3000,), 9)}},
+                   step)
+    d = tmp_path / "hf"
+    store.export(d, 1, max_shard_size=10**9)  # one shard: model.safetensors
+    store.export(tmp_path / "sharded", 2, max_shard_size=12000)
+    for name in os.listdir(tmp_path / "sharded"):
+        os.replace(tmp_path / "sharded" / name, d / name)
+    assert "model.safetensors.index.json" in os.listdir(d)
+    store.import_file(d, 3, prefix="model")
+    assert torch.equal(store.load(3)["model"]["x"], det_floats((3000,), 1))
+
+
 @pytest.mark.parametrize("content", [b"\x80\x02}q\x00garbage" * 3, b"PK\x03\x04" + b"\x00" * 40,
                                      b"e" * 100])
 def test_a_garbage_pt_file_is_a_clear_error(store, tmp_path, content):
