@@ -83,6 +83,8 @@ CASES = {
     "bench_dcp": ["--traces", "{t}", "--scenario", "fp32_wd0", "--steps", "10:20:10",
                   "--world", "2", "--workdir", "{w}/dcp"],
     "bench_s3": ["--mib", "3", "--repeat", "1"],
+    "bench_codec_floor": ["--trace", "{t}/bf16", "--base", "20", "--step", "30", "--repeat",
+                          "1", "--rounds", "1", "--threads", "1"],
 }
 
 
