@@ -109,6 +109,11 @@ def backend_for_url(url: str, *, storage_options: dict[str, Any] | None = None,
     proto = scheme[len("fsspec+"):] if scheme.startswith("fsspec+") else scheme
     if not rest:
         raise InvalidStoreError(f"{url}: the URL names no bucket or path")
+    if proto in ("file", "local") and filesystem is None:
+        # the object-store backend assumes flat keys (no directories to create, listings
+        # relative to a bucket): a local directory is a local store, with its own backend
+        raise InvalidStoreError(f"{url}: a local directory is opened by its path "
+                                f"(deltackpt.open('/{rest}')), not through fsspec")
     if filesystem is None:
         try:
             import fsspec

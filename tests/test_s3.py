@@ -677,3 +677,11 @@ def test_url_schemes_ignore_case_and_a_cache_serves_one_store(tmp_path):
         assert s.steps() == [1]
     with pytest.raises(deltackpt.InvalidStoreError, match="is the cache of"):
         deltackpt.open(f"fsspec+memory://{name}/other", cache_dir=cache)
+
+
+@pytest.mark.parametrize("url", ["fsspec+file:///tmp/x/store", "fsspec+local://x/store"])
+def test_a_local_directory_through_fsspec_is_refused_with_the_way_to_open_it(url, tmp_path):
+    # the object-store backend assumes flat keys: through fsspec's local filesystem an
+    # absolute path turned relative, saves failed and other processes saw no steps
+    with pytest.raises(deltackpt.InvalidStoreError, match="opened by its path"):
+        deltackpt.open(url, cache_dir=str(tmp_path / "c"))
