@@ -575,8 +575,8 @@ class DeltaCheckpointIO(_CheckpointIO):
         if self._store_path is None:
             return  # the caller's store: its lock is the caller's to manage
         with self._lock:
-            busy = any(n for n in self._queued.values()) or \
-                sum(not f.done() for f in self._futures) > 1
+            # _queued drops a path at 0; the job calling this is still one of the futures
+            busy = bool(self._queued) or sum(not f.done() for f in self._futures) > 1
         store = self._store
         if not busy and store is not None:
             with contextlib.suppress(DeltackptError):
