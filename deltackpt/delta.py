@@ -36,6 +36,7 @@ deleted predecessors' blocks alive.
 
 from __future__ import annotations
 
+import re
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,6 +49,9 @@ MODES = {"auto": DELTA_XOR, "xor": DELTA_XOR, "sub": DELTA_SUB, "none": DELTA_NO
 #: positive, slowly varying, so the integer difference of their bit patterns beats
 #: XOR (docs/codec-experiments.md: 1.7 points in fp32, 11 in bf16)
 _SUB_SUFFIXES = ("exp_avg_sq", "square_avg", "sum", "exp_inf")
+#: a shard of a DCP-saved tensor is stored as ``<fqn>#chunk(<offsets>)``
+#: (deltackpt.dcp.chunk_key): its mode is its tensor's
+_SHARD_SUFFIX = re.compile(r"#chunk\([0-9,]*\)$")
 POLICIES = ("chain", "keyframe")
 #: ``staggered``: each position's keyframes fall at its own slot (above); ``aligned``: every
 #: chain runs to ``max_depth`` from the position's first block (deltackpt 0.2's behaviour)
@@ -90,8 +94,10 @@ class DeltaConfig:
 
     def mode_for(self, path: str) -> int:
         """The delta mode for an entry: ``auto`` picks SUB for second-moment tensors."""
-        if self.mode_name == "auto" and path.rsplit("/", 1)[-1].endswith(_SUB_SUFFIXES):
-            return DELTA_SUB
+        if self.mode_name == "auto":
+            name = _SHARD_SUFFIX.sub("", path.rsplit("/", 1)[-1])
+            if name.endswith(_SUB_SUFFIXES):
+                return DELTA_SUB
         return MODES[self.mode_name]
 
     def keyframe_slot(self, generation: int, path: str, block_index: int) -> bool:

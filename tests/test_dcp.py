@@ -532,6 +532,9 @@ def _check_store(store: str, world: int, steps: list[int], opts: dict | None = N
         for p in [p for p in ids_last if p.startswith("model.1.weight")]:
             new = [rows[b] for b in ids_last[p] if rows[b]["first_step"] == last]
             assert new and any(r["base"] is not None for r in new), p  # deltas, every rank
+        moments = [rows[b] for p in ids_last if ".exp_avg_sq#chunk(" in p for b in ids_last[p]
+                   if rows[b]["first_step"] == last and rows[b]["base"] is not None]
+        assert moments and all(r["codec"].startswith("sub>") for r in moments)  # auto: SUB
         new_packs = {r["pack"] for r in rows.values() if r["first_step"] == last}
         assert len(new_packs) == world                    # each rank wrote its own pack
         info = s.info(last)

@@ -216,6 +216,23 @@ def test_a_damaged_frame_inside_a_folded_chain_is_named(tmp_path, mode):
         assert not store.verify().ok
 
 
+def test_auto_mode_picks_sub_for_second_moments_whole_or_sharded():
+    """``auto`` reads the tensor's name: a DCP shard (``#chunk(...)``) is its tensor's."""
+    from deltackpt.codec import DELTA_SUB, DELTA_XOR
+    from deltackpt.dcp import chunk_key
+    from deltackpt.delta import DeltaConfig
+
+    auto = DeltaConfig()
+    shard = chunk_key("optim.state.24.exp_avg_sq", [192, 0], [192, 384], [384, 384])
+    for path in ("optimizer/state/3/exp_avg_sq", "optim.state.24.exp_avg_sq", shard,
+                 "optim.state.0.exp_avg_sq#chunk(0)", "opt/state/1/square_avg#chunk(5,0,7)"):
+        assert auto.mode_for(path) == DELTA_SUB, path
+    for path in ("optimizer/state/3/exp_avg", "optim.state.24.exp_avg#chunk(192,0)",
+                 "model/exp_avg_sq.weight", "model/x#chunk(0)#exp_avg_sq#chunk(0)x"):
+        assert auto.mode_for(path) == DELTA_XOR, path
+    assert DeltaConfig("xor").mode_for(shard) == DELTA_XOR
+
+
 def test_default_policy_and_spec_defaults(tmp_path):
     from deltackpt.delta import DeltaConfig
 
