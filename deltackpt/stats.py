@@ -367,6 +367,11 @@ def ref_snapshot(store: Store) -> RefSnapshot:
     return RefSnapshot(steps, logical, length, depth, base, ref_step, ref_block)
 
 
+def _dotted_head(component: str) -> str:
+    """``optim.state.3.exp_avg#chunk(0,0)`` -> ``optim``: the module a flat key names."""
+    return component.split("#", 1)[0].split(".", 1)[0] or component
+
+
 def store_stats(store: Store) -> dict[str, Any]:
     """Per-step and total logical/written/stored bytes, dedup and compression ratios,
     and the split of logical and written bytes by top-level component.
@@ -376,7 +381,10 @@ def store_stats(store: Store) -> dict[str, Any]:
     wrote (and still references) over their frame bytes (deltas included);
     ``full_copies_bytes`` is the running sum of logical bytes (one full copy per
     step). ``components[name]`` holds ``logical_bytes`` and ``written_bytes``
-    whose sums over components equal the step's (see :data:`DROPPED`).
+    whose sums over components equal the step's (see :data:`DROPPED`). Past
+    :data:`MAX_COMPONENTS` components (a flat state dict, a DCP checkpoint: one per
+    tensor), they are grouped by the text before their first ``.`` (``model``,
+    ``optim``), and past that many groups the smallest are summed as ``(other)``.
     Read from the per-step summaries of the index (:mod:`deltackpt.summaries`).
     """
     rows, sums = step_summaries(store)
@@ -384,14 +392,19 @@ def store_stats(store: Store) -> dict[str, Any]:
     for sm in sums:
         for name, (logical, _) in sm.components.items():
             size[name] = size.get(name, 0) + logical
-    all_names = sorted(size)
-    if len(all_names) <= MAX_COMPONENTS:
-        names, group = all_names, {n: n for n in all_names}
-    else:  # the largest by logical bytes (ties: name order), the rest as "(other)"
-        largest = sorted(all_names, key=lambda n: -size[n])[:MAX_COMPONENTS - 1]
-        kept = sorted(largest)
-        names = [*kept, OTHER]
-        group = {n: (n if n in largest else OTHER) for n in all_names}
+    group = {n: n for n in size}
+    if len(size) > MAX_COMPONENTS:
+        # a flat state dict or a DCP checkpoint: one component per tensor, named
+        # <module>.<...>[#chunk(...)]; its modules are what a reader wants to compare
+        group = {n: _dotted_head(n) for n in size}
+    grouped: dict[str, int] = {}
+    for n, g in group.items():
+        grouped[g] = grouped.get(g, 0) + size[n]
+    names = sorted(grouped)
+    if len(names) > MAX_COMPONENTS:  # the largest by logical bytes (ties: name order)
+        largest = sorted(names, key=lambda n: -grouped[n])[:MAX_COMPONENTS - 1]
+        names = [*sorted(largest), OTHER]
+        group = {n: (g if g in largest else OTHER) for n, g in group.items()}
     totals = {name: {"logical_bytes": 0, "written_bytes": 0} for name in names}
     steps: list[dict[str, Any]] = []
     cumulative = full = 0

@@ -91,6 +91,37 @@ def test_stats_totals_components_and_brute_force(store_dir):
     assert sum(c["written_bytes"] for c in t["components"].values()) == t["written_bytes"]
 
 
+def test_flat_and_dcp_names_are_grouped_by_module_past_the_component_limit(tmp_path):
+    """A flat state dict (or a DCP checkpoint) has one component per tensor: past
+    MAX_COMPONENTS they are grouped by their first dotted part, then the smallest
+    groups are summed as "(other)"; the sums always equal the step's."""
+    from deltackpt.stats import MAX_COMPONENTS, OTHER
+
+    flat = {f"enc.layer{i}.weight": det_floats((32, 32), i) for i in range(10)}
+    flat |= {"emb.weight": det_floats((64, 32), 20), "head.bias": det_floats((8,), 21),
+             "head.weight#chunk(0,0)": det_floats((8, 32), 22), "step": torch.tensor(7)}
+    many = {f"m{i}.w": det_floats((10 + i, 8), 30 + i) for i in range(MAX_COMPONENTS + 3)}
+    few = {f"a.b{i}": det_floats((4,), i) for i in range(MAX_COMPONENTS)}  # at the limit
+    for state, expected in ((flat, ["emb", "enc", "head", "step"]),
+                            (many, sorted(f"m{i}" for i in range(4, MAX_COMPONENTS + 3))
+                             + [OTHER]),
+                            (few, sorted(few))):
+        path = tmp_path / f"s{len(state)}"
+        with deltackpt.open(path, block_size=4096) as s:
+            s.save(state, 1)
+            st = store_stats(s)
+            sizes = dict(s._index.query("SELECT path, nbytes FROM entries WHERE step=1"))
+        assert st["components"] == expected
+        comps = st["steps"][0]["components"]
+        assert set(comps) == set(expected)
+        groups = {n: (n if n in expected else n.split("#")[0].split(".")[0]) for n in sizes}
+        for name in expected:
+            want = sum(v for n, v in sizes.items()
+                       if groups[n] == name or (name == OTHER and groups[n] not in expected))
+            assert comps[name]["logical_bytes"] == want, name
+        assert sum(c["written_bytes"] for c in comps.values()) == st["steps"][0]["written_bytes"]
+
+
 def test_thinned_step_reports_dropped_bytes(store_dir):
     with deltackpt.open(store_dir) as s:
         s.thin(20, ["model"])
