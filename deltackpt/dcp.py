@@ -70,6 +70,7 @@ from .errors import (
     UnsupportedValueError,
 )
 from .flatten import escape_key, flatten
+from .gcpause import gc_paused
 from .packs import PackWriter
 from .remote import is_remote_url
 from .results import SaveResult
@@ -384,6 +385,10 @@ class StorageWriter(dcp_storage.StorageWriter):
                 for i, p in enumerate(plans)]
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future:
+        with gc_paused():  # gcpause.py: its bookkeeping would set off a full collection
+            return self._write_data(plan, planner)
+
+    def _write_data(self, plan: SavePlan, planner: SavePlanner) -> Future:
         info = plan.storage_data
         step = self._save().step
         if not isinstance(info, dict) or info.get("step") != step:
@@ -451,6 +456,10 @@ class StorageWriter(dcp_storage.StorageWriter):
         return _done(results)
 
     def finish(self, metadata: Metadata, results: list[list[dcp_storage.WriteResult]]) -> None:
+        with gc_paused():
+            self._finish(metadata, results)
+
+    def _finish(self, metadata: Metadata, results: list[list[dcp_storage.WriteResult]]) -> None:
         store = self._writer_store(create=False)
         save = self._save()
         step = save.step
