@@ -24,6 +24,7 @@ never pickled. Non-tensor values reach us as bytes that DCP itself made with
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import os
@@ -31,6 +32,7 @@ import threading
 import uuid
 import weakref
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from types import SimpleNamespace
 from typing import Any
 
@@ -72,7 +74,7 @@ from .errors import (
 from .flatten import escape_key, flatten
 from .gcpause import gc_paused
 from .packs import PackWriter
-from .remote import is_remote_url
+from .remote import RemoteStore, is_remote_url
 from .results import SaveResult
 from .store import PathNotFoundError, Store, open_store
 
@@ -385,7 +387,9 @@ class StorageWriter(dcp_storage.StorageWriter):
                 for i, p in enumerate(plans)]
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future:
-        with gc_paused():  # gcpause.py: its bookkeeping would set off a full collection
+        # gcpause.py: its bookkeeping would set off a full collection. Not around uploads to
+        # object storage, whose retries can last minutes (cyclic garbage would pile up)
+        with self._gc_paused_if_local():
             return self._write_data(plan, planner)
 
     def _write_data(self, plan: SavePlan, planner: SavePlanner) -> Future:
@@ -456,8 +460,12 @@ class StorageWriter(dcp_storage.StorageWriter):
         return _done(results)
 
     def finish(self, metadata: Metadata, results: list[list[dcp_storage.WriteResult]]) -> None:
-        with gc_paused():
+        with self._gc_paused_if_local():
             self._finish(metadata, results)
+
+    def _gc_paused_if_local(self) -> AbstractContextManager[None]:
+        remote = is_remote_url(self._target) or isinstance(self._target, RemoteStore)
+        return contextlib.nullcontext() if remote else gc_paused()
 
     def _finish(self, metadata: Metadata, results: list[list[dcp_storage.WriteResult]]) -> None:
         store = self._writer_store(create=False)
