@@ -397,6 +397,8 @@ def store_stats(store: Store) -> dict[str, Any]:
         # a flat state dict or a DCP checkpoint: one component per tensor, named
         # <module>.<...>[#chunk(...)]; its modules are what a reader wants to compare
         group = {n: _dotted_head(n) for n in size}
+    # a state key may be spelt like a summary row: quoted, it stays a column of its own
+    group = {n: f'"{g}"' if g in (OTHER, DROPPED) else g for n, g in group.items()}
     grouped: dict[str, int] = {}
     for n, g in group.items():
         grouped[g] = grouped.get(g, 0) + size[n]

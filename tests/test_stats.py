@@ -122,6 +122,32 @@ def test_flat_and_dcp_names_are_grouped_by_module_past_the_component_limit(tmp_p
         assert sum(c["written_bytes"] for c in comps.values()) == st["steps"][0]["written_bytes"]
 
 
+def test_keys_spelt_like_the_summary_rows_stay_their_own_columns(tmp_path):
+    """A state key "(other)" or "(dropped)" is quoted, so it neither merges with the
+    summed-up rest nor with what thinning dropped, and every step still adds up."""
+    from deltackpt.stats import OTHER
+
+    def state(step):
+        st = {f"g{i:02d}.w": det_floats((64 + i,), step * 100 + i) for i in range(14)}
+        st["(other)"] = det_floats((4096,), step * 100 + 50)
+        st["(dropped).w"] = det_floats((2048,), step * 100 + 51)
+        return st
+
+    with deltackpt.open(tmp_path / "s", block_size=4096) as s:
+        for step in (0, 1):
+            s.save(state(step), step)
+        s.thin(1, ["(dropped).w", "g00.w"])
+        s.gc()
+        st = store_stats(s)
+    assert st["components"][:2] == ['"(dropped)"', '"(other)"']
+    assert st["components"].count(OTHER) == 1 and DROPPED not in st["components"]
+    for x in st["steps"]:
+        for key in ("logical_bytes", "written_bytes"):
+            assert sum(c[key] for c in x["components"].values()) == x[key]
+    assert DROPPED in st["steps"][1]["components"]          # what thinning took from step 1
+    assert st["steps"][1]["components"]['"(dropped)"']["logical_bytes"] == 2048 * 4
+
+
 def test_thinned_step_reports_dropped_bytes(store_dir):
     with deltackpt.open(store_dir) as s:
         s.thin(20, ["model"])
