@@ -71,6 +71,7 @@ from .errors import (
     StepNotFoundError,
     UnsupportedValueError,
 )
+from .export import DCP_META_KEY
 from .flatten import escape_key, flatten
 from .gcpause import gc_paused
 from .packs import PackWriter
@@ -81,7 +82,7 @@ from .store import PathNotFoundError, Store, open_store
 __all__ = ["META_KEY", "StorageReader", "StorageWriter", "chunk_key", "load_full"]
 
 #: top-level key of a DCP step's tree holding the DCP metadata
-META_KEY = "__dcp__"
+META_KEY = DCP_META_KEY
 #: version of the layout this module writes under ``META_KEY`` (docs/dcp.md)
 LAYOUT_VERSION = 1
 _DCP_VERSION = "1.0.0"  # what torch's FileSystemWriter records in Metadata.version
@@ -740,22 +741,32 @@ def _batches(keys: list[str], size_of: Any, budget: int) -> list[list[str]]:
 
 
 def load_full(store_or_path: StoreOrPath, step: int | None = None,
+              select: Sequence[str] | str | None = None,
               **open_options: Any) -> dict[str, torch.Tensor | bytes]:
     """A DCP step as a flat dict ``{fqn: full tensor}``, chunks reassembled, in one process.
 
-    Non-tensor values come back as the bytes DCP wrote for them (``torch.save`` output,
-    i.e. pickle): deltackpt never unpickles them; ``torch.load(io.BytesIO(b),
-    weights_only=True)`` reads the plain ones.
+    ``select``: fully qualified name prefixes (``"model"`` takes ``model.*``); only their
+    chunks are decoded. Non-tensor values come back as the bytes DCP wrote for them
+    (``torch.save`` output, i.e. pickle): deltackpt never unpickles them;
+    ``torch.load(io.BytesIO(b), weights_only=True)`` reads the plain ones.
     """
     store = _open(store_or_path, False, open_options)
     try:
         step, desc = _read_desc(store, step)
         meta, keys = _rebuild(desc, f"{store.location}: step {step}")
+        fqns = list(meta.state_dict_metadata)
+        if select is not None:
+            prefixes = [p.strip("/.") for p in ([select] if isinstance(select, str) else select)]
+            for p in prefixes:
+                if not any(f == p or f.startswith(p + ".") for f in fqns):
+                    raise PathNotFoundError(f"{store.location}: step {step} has no path {p!r}")
+            fqns = [f for f in fqns if any(f == p or f.startswith(p + ".") for p in prefixes)]
         out: dict[str, torch.Tensor | bytes] = {}
         names = {k: escape_key(k) for k in keys.values()}
         sizes = {e.path: e.nbytes for e in store.entries(step)}
         targets: dict[str, tuple[str, ChunkStorageMetadata | None]] = {}
-        for fqn, md in meta.state_dict_metadata.items():
+        for fqn in fqns:
+            md = meta.state_dict_metadata[fqn]
             if isinstance(md, TensorStorageMetadata):
                 out[fqn] = torch.empty(md.size, dtype=md.properties.dtype)
                 for c in md.chunks:
@@ -771,7 +782,7 @@ def load_full(store_or_path: StoreOrPath, step: int | None = None,
                 else:
                     dst = narrow_tensor_by_index(out[fqn], chunk.offsets, chunk.sizes)
                     dst.copy_(values[key])
-        return {fqn: out[fqn] for fqn in meta.state_dict_metadata}
+        return {fqn: out[fqn] for fqn in fqns}
     finally:
         if store is not store_or_path:
             store.close()

@@ -43,6 +43,10 @@ from .tensors import empty_output, finish_output, leaf_bytes, output_bytes
 if TYPE_CHECKING:
     from .store import Store
 
+#: top-level key of a step saved through torch.distributed.checkpoint (deltackpt.dcp):
+#: its tensors are stored as shards, and exports reassemble them
+DCP_META_KEY = "__dcp__"
+
 
 def iter_tensors(state: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
     """(path, tensor) for every tensor in a nested state, paths joined by '/'."""
@@ -451,7 +455,10 @@ def export(
         packs_before = store._packs_state()
         try:
             t0 = time.perf_counter()
-            if kind == "pt":
+            if is_dcp_step(store, step):
+                result = _export_dcp(store, out, step, select, limit if kind == "sharded"
+                                     else None, metadata)
+            elif kind == "pt":
                 result = _export_pt(store, out, step, select)
             else:
                 result = _export_safetensors(store, out, step, select, limit if
@@ -471,6 +478,44 @@ def export(
             raise StorageError.caused_by(
                 f"{out}: writing the export failed: {exc.strerror or exc}", exc) from exc
     raise AssertionError("unreachable")
+
+
+def is_dcp_step(store: Store, step: int | None) -> bool:
+    """Whether ``step`` (default: latest) was saved through ``deltackpt.dcp``."""
+    try:
+        StepReader(store, [step], [DCP_META_KEY])
+    except KeyError:  # PathNotFoundError
+        return False
+    return True
+
+
+def dcp_state(store: Store, step: int | None,
+              select: str | Sequence[str] | None) -> tuple[int, dict[str, Any]]:
+    """(step, ``{fqn: tensor or bytes}``) of a DCP step, shards reassembled in memory
+    (``deltackpt.dcp.load_full``); ``select`` takes name prefixes (``"model"``)."""
+    from .dcp import load_full
+
+    if step is None:
+        step = store.latest()
+        if step is None:
+            raise StepNotFoundError(f"{store.location}: the store has no steps")
+    return step, load_full(store, step, select=_select_list(select))
+
+
+def _export_dcp(store: Store, out: str, step: int | None, select: str | Sequence[str] | None,
+                shard_limit: int | None, metadata: dict[str, str] | None) -> ExportResult:
+    # DCP names tensors by their fully qualified names (model.bert.…): one selected prefix
+    # is cut off the keys, as export cuts a selected subtree's path
+    step, state = dcp_state(store, step, select)
+    sel = _select_list(select)
+    if sel is not None and len(sel) == 1:
+        root = sel[0].strip("/.")
+        state = {(k[len(root) + 1:] if k != root else k.rsplit(".", 1)[-1]): v
+                 for k, v in state.items()}
+    result = write_state(state, out, None, max_shard_size=shard_limit,
+                         metadata={"deltackpt_step": str(step), **(metadata or {})})
+    result.step = step
+    return result
 
 
 def _select_list(select: str | Sequence[str] | None) -> list[str] | None:

@@ -28,6 +28,7 @@ from deltackpt import summaries
 from deltackpt.cli import main as cli_main
 from deltackpt.dcp import META_KEY, StorageReader, StorageWriter, chunk_key, load_full
 from deltackpt.errors import CorruptionError, InvalidStoreError, StepExistsError
+from deltackpt.store import PathNotFoundError
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -200,6 +201,15 @@ def test_restore_cli_and_reindex(store_path, tmp_path):
     assert r.exit_code == 0, r.output
     got = load_file(str(out))
     assert_state_equal(got["model.w"], state["model"]["w"])
+    assert META_KEY not in got and not any("#chunk" in k for k in got)
+    with deltackpt.open(store_path) as s:
+        with pytest.raises(PathNotFoundError, match="has no path 'optimizer'"):
+            s.export(str(tmp_path / "x.safetensors"), 5, select="optimizer")
+        exported = s.export(str(tmp_path / "m.pt"), select="model")   # latest, .pt
+    assert exported.step == 5
+    pt = torch.load(tmp_path / "m.pt", weights_only=True)
+    assert list(pt) == ["w", "b", "ids", "mask", "empty", "scalar"]
+    assert_state_equal(pt, state["model"])
     before = load_full(store_path, 5)
     os.remove(os.path.join(store_path, "index.sqlite"))
     for suffix in ("-wal", "-shm"):
@@ -614,7 +624,24 @@ def _check_reassembled(root: str, store: str, step: int, world: int) -> None:
                        want["optim/state/3.weight/exp_avg_sq"])
     with deltackpt.open(os.path.join(root, store)) as s:
         paths = [e.path for e in s.entries(step)]
+        # shipping the weights: export reassembles the shards, keys relative to "model"
+        out = os.path.join(root, f"export-{store}-{step}.safetensors")
+        result = s.export(out, step)
     assert sum(p.startswith("model.1.weight#chunk(") for p in paths) == world
+    model = {k[len("model/"):]: v for k, v in want.items() if k.startswith("model/")}
+    got = load_file(out)
+    assert sorted(got) == sorted(model) and result.step == step
+    for k, v in model.items():
+        assert_state_equal(got[k], v)
+    # restore: full tensors under DCP's names, --select by name prefix
+    out = os.path.join(root, f"restore-{store}-{step}.safetensors")
+    r = CliRunner().invoke(cli_main, ["restore", os.path.join(root, store), str(step), "-o", out,
+                                      "--select", "optim", "-q"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    got = load_file(out)
+    assert got and all(k.startswith("optim.state.") for k in got)
+    assert_state_equal(got["optim.state.3.weight.exp_avg_sq"],
+                       want["optim/state/3.weight/exp_avg_sq"])
 
 
 def test_fsdp2_two_ranks_save_and_load_on_2_and_1(tmp_path):

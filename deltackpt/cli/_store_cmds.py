@@ -130,14 +130,27 @@ def _load_cpu(store, step: int | None, select: list[str] | None, quiet: bool):
 @handle_errors
 def restore_cmd(path: str, step: int | None, output: str, select: tuple[str, ...],
                 quiet: bool) -> None:
-    """Write STEP (default: latest) to a .safetensors or .pt file."""
-    from ..export import check_output_file, check_weights_only, write_pt, write_safetensors
+    """Write STEP (default: latest) to a .safetensors or .pt file.
+
+    A step saved through torch.distributed.checkpoint is written as full tensors under
+    their fully qualified names (--select takes name prefixes such as 'model')."""
+    from ..export import (
+        check_output_file,
+        check_weights_only,
+        dcp_state,
+        is_dcp_step,
+        write_pt,
+        write_safetensors,
+    )
 
     if not output.endswith((".safetensors", ".pt")):
         raise click.BadParameter("output must end in .safetensors or .pt", param_hint="-o")
     check_output_file(output)
     with open_existing(path) as store:
-        step, state = _load_cpu(store, step, list(select) or None, quiet)
+        if is_dcp_step(store, step):  # shards reassembled, keyed by DCP's names
+            step, state = dcp_state(store, step, list(select) or None)
+        else:
+            step, state = _load_cpu(store, step, list(select) or None, quiet)
     if output.endswith(".pt"):
         check_weights_only(state)  # no file that only loads with pickle's full powers
     if output.endswith(".safetensors"):
