@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import math
 import os
 import threading
 import uuid
@@ -759,7 +760,9 @@ def load_full(store_or_path: StoreOrPath, step: int | None = None,
             prefixes = [p.strip("/.") for p in ([select] if isinstance(select, str) else select)]
             for p in prefixes:
                 if not any(f == p or f.startswith(p + ".") for f in fqns):
-                    raise PathNotFoundError(f"{store.location}: step {step} has no path {p!r}")
+                    raise PathNotFoundError(f"{store.location}: step {step} has no path {p!r} "
+                                            "(a DCP step names values as DCP does, e.g. "
+                                            "'model.encoder.weight')")
             fqns = [f for f in fqns if any(f == p or f.startswith(p + ".") for p in prefixes)]
         out: dict[str, torch.Tensor | bytes] = {}
         names = {k: escape_key(k) for k in keys.values()}
@@ -768,6 +771,9 @@ def load_full(store_or_path: StoreOrPath, step: int | None = None,
         for fqn in fqns:
             md = meta.state_dict_metadata[fqn]
             if isinstance(md, TensorStorageMetadata):
+                if sum(math.prod(c.sizes) for c in md.chunks) != math.prod(md.size):
+                    raise InvalidStoreError(f"{store.location}: step {step}: the chunks of "
+                                            f"'{fqn}' do not cover its {list(md.size)} elements")
                 out[fqn] = torch.empty(md.size, dtype=md.properties.dtype)
                 for c in md.chunks:
                     targets[keys[MetadataIndex(fqn, c.offsets)]] = (fqn, c)

@@ -451,11 +451,13 @@ def export(
     else:
         raise InvalidInputError(f"{out}: export to a .safetensors or .pt file, or to a "
                                 "directory with max_shard_size")
+    if step is None:  # once: the DCP check and the export must see the same step
+        step = store.latest()
     for attempt in range(3):
         packs_before = store._packs_state()
         try:
             t0 = time.perf_counter()
-            if is_dcp_step(store, step):
+            if step is not None and is_dcp_step(store, step):
                 result = _export_dcp(store, out, step, select, limit if kind == "sharded"
                                      else None, metadata)
             elif kind == "pt":
@@ -481,12 +483,17 @@ def export(
 
 
 def is_dcp_step(store: Store, step: int | None) -> bool:
-    """Whether ``step`` (default: latest) was saved through ``deltackpt.dcp``."""
+    """Whether ``step`` (default: latest) was saved through ``deltackpt.dcp``: its state
+    has DCP's metadata under ``__dcp__`` (a plain state may use that key for anything)."""
     try:
-        StepReader(store, [step], [DCP_META_KEY])
+        tree = StepReader(store, [step], [DCP_META_KEY]).trees
     except KeyError:  # PathNotFoundError
         return False
-    return True
+    (node,) = tree.values()
+    for key, meta in node[1] if node[0] == "D" else ():
+        if key == DCP_META_KEY:
+            return meta[0] == "D" and {"layout", "state_dict"} <= {k for k, _ in meta[1]}
+    return False
 
 
 def dcp_state(store: Store, step: int | None,
@@ -510,8 +517,11 @@ def _export_dcp(store: Store, out: str, step: int | None, select: str | Sequence
     sel = _select_list(select)
     if sel is not None and len(sel) == 1:
         root = sel[0].strip("/.")
-        state = {(k[len(root) + 1:] if k != root else k.rsplit(".", 1)[-1]): v
-                 for k, v in state.items()}
+        if list(state) == [root] and shard_limit is None and out.endswith((".pt", ".pth")):
+            state = state[root]  # the selection is one value: written bare, as for any step
+        else:
+            state = {(k[len(root) + 1:] if k != root else k.rsplit(".", 1)[-1]): v
+                     for k, v in state.items()}
     result = write_state(state, out, None, max_shard_size=shard_limit,
                          metadata={"deltackpt_step": str(step), **(metadata or {})})
     result.step = step

@@ -206,6 +206,10 @@ def test_restore_cli_and_reindex(store_path, tmp_path):
         with pytest.raises(PathNotFoundError, match="has no path 'optimizer'"):
             s.export(str(tmp_path / "x.safetensors"), 5, select="optimizer")
         exported = s.export(str(tmp_path / "m.pt"), select="model")   # latest, .pt
+        s.export(str(tmp_path / "w.pt"), 5, select="model.w")           # one tensor: bare
+        with pytest.raises(PathNotFoundError, match="names values as DCP does"):
+            s.export(str(tmp_path / "x.pt"), 5, select="model/w")
+    assert_state_equal(torch.load(tmp_path / "w.pt", weights_only=True), state["model"]["w"])
     assert exported.step == 5
     pt = torch.load(tmp_path / "m.pt", weights_only=True)
     assert list(pt) == ["w", "b", "ids", "mask", "empty", "scalar"]
@@ -219,6 +223,24 @@ def test_restore_cli_and_reindex(store_path, tmp_path):
 
     reindex(store_path)  # the manifest a DCP commit writes rebuilds the index
     assert_state_equal(load_full(store_path, 5), before)
+
+
+def test_a_plain_state_with_a_dcp_key_exports_and_restores_as_before(store_path, tmp_path):
+    """Only DCP's metadata under ``__dcp__`` makes a DCP step; a user's own value there
+    (or a non-dict) leaves export and restore as for any step."""
+    state = {"model": {"w": det_floats((3, 5), 1)}, "__dcp__": {"note": "mine", "layout": 3}}
+    with deltackpt.open(store_path) as s:
+        s.save(state, step=1)
+        s.save({"model": {"w": det_floats((3, 5), 2)}, "__dcp__": det_floats((4,), 3)}, step=2)
+        for step in (1, 2):
+            r = s.export(str(tmp_path / f"{step}.safetensors"), step)
+            assert r.step == step and r.tensors == 1
+            assert list(load_file(str(tmp_path / f"{step}.safetensors"))) == ["w"]
+    out = tmp_path / "r.pt"
+    r = CliRunner().invoke(cli_main, ["restore", store_path, "1", "-o", str(out), "-q"],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert_state_equal(torch.load(out, weights_only=True), state)
 
 
 def test_existing_step_and_non_dcp_step_refused(store_path):

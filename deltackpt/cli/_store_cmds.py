@@ -147,7 +147,8 @@ def restore_cmd(path: str, step: int | None, output: str, select: tuple[str, ...
         raise click.BadParameter("output must end in .safetensors or .pt", param_hint="-o")
     check_output_file(output)
     with open_existing(path) as store:
-        if is_dcp_step(store, step):  # shards reassembled, keyed by DCP's names
+        step = store.latest() if step is None else step  # one step for the check and the load
+        if step is not None and is_dcp_step(store, step):  # shards reassembled, DCP's names
             step, state = dcp_state(store, step, list(select) or None)
         else:
             step, state = _load_cpu(store, step, list(select) or None, quiet)
