@@ -33,7 +33,6 @@ import threading
 import uuid
 import weakref
 from collections.abc import Sequence
-from contextlib import AbstractContextManager
 from types import SimpleNamespace
 from typing import Any
 
@@ -465,7 +464,7 @@ class StorageWriter(dcp_storage.StorageWriter):
         with self._gc_paused_if_local():
             self._finish(metadata, results)
 
-    def _gc_paused_if_local(self) -> AbstractContextManager[None]:
+    def _gc_paused_if_local(self) -> contextlib.AbstractContextManager[None]:
         remote = is_remote_url(self._target) or isinstance(self._target, RemoteStore)
         return contextlib.nullcontext() if remote else gc_paused()
 

@@ -45,7 +45,7 @@ def _pause() -> None:
 
 
 def _resume() -> None:
-    global _depth, _saved
+    global _depth
     with _lock:
         _depth -= 1
         if _depth == 0:
