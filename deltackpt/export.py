@@ -496,32 +496,26 @@ def is_dcp_step(store: Store, step: int | None) -> bool:
     return False
 
 
-def dcp_state(store: Store, step: int | None,
-              select: str | Sequence[str] | None) -> tuple[int, dict[str, Any]]:
-    """(step, ``{fqn: tensor or bytes}``) of a DCP step, shards reassembled in memory
+def dcp_state(store: Store, step: int, select: str | Sequence[str] | None) -> dict[str, Any]:
+    """``{fqn: tensor or bytes}`` of a DCP step, shards reassembled in memory
     (``deltackpt.dcp.load_full``); ``select`` takes name prefixes (``"model"``)."""
     from .dcp import load_full
 
-    if step is None:
-        step = store.latest()
-        if step is None:
-            raise StepNotFoundError(f"{store.location}: the store has no steps")
-    return step, load_full(store, step, select=_select_list(select))
+    return load_full(store, step, select=_select_list(select))
 
 
-def _export_dcp(store: Store, out: str, step: int | None, select: str | Sequence[str] | None,
+def _export_dcp(store: Store, out: str, step: int, select: str | Sequence[str] | None,
                 shard_limit: int | None, metadata: dict[str, str] | None) -> ExportResult:
     # DCP names tensors by their fully qualified names (model.bert.…): one selected prefix
     # is cut off the keys, as export cuts a selected subtree's path
-    step, state = dcp_state(store, step, select)
+    state = dcp_state(store, step, select)
     sel = _select_list(select)
     if sel is not None and len(sel) == 1:
         root = sel[0].strip("/.")
         if list(state) == [root] and shard_limit is None and out.endswith((".pt", ".pth")):
             state = state[root]  # the selection is one value: written bare, as for any step
         else:
-            state = {(k[len(root) + 1:] if k != root else k.rsplit(".", 1)[-1]): v
-                     for k, v in state.items()}
+            state = {relative_key(k, sel, sep="."): v for k, v in state.items()}
     result = write_state(state, out, None, max_shard_size=shard_limit,
                          metadata={"deltackpt_step": str(step), **(metadata or {})})
     result.step = step
@@ -535,14 +529,15 @@ def _select_list(select: str | Sequence[str] | None) -> list[str] | None:
     return sel or None
 
 
-def relative_key(path: str, select: list[str] | None) -> str:
-    """The export key of an entry path: relative to the one selected path, if one."""
+def relative_key(path: str, select: list[str] | None, sep: str = "/") -> str:
+    """The export key of an entry path: relative to the one selected path, if one.
+    ``sep``: what joins components ('.' in the names of a DCP step)."""
     if select is None or len(select) != 1:
         return path
-    root = select[0].strip("/")
-    if path.startswith(root + "/"):
+    root = select[0].strip("/" + sep)
+    if path.startswith(root + sep):
         return path[len(root) + 1:]
-    return path.rsplit("/", 1)[-1]  # the selection is this very entry
+    return path.rsplit(sep, 1)[-1]  # the selection is this very entry
 
 
 def _count_values(node: Any) -> int:

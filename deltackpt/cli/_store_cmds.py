@@ -149,7 +149,7 @@ def restore_cmd(path: str, step: int | None, output: str, select: tuple[str, ...
     with open_existing(path) as store:
         step = store.latest() if step is None else step  # one step for the check and the load
         if step is not None and is_dcp_step(store, step):  # shards reassembled, DCP's names
-            step, state = dcp_state(store, step, list(select) or None)
+            state = dcp_state(store, step, list(select) or None)
         else:
             step, state = _load_cpu(store, step, list(select) or None, quiet)
     if output.endswith(".pt"):
